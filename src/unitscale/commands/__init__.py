@@ -1,0 +1,1 @@
+"""Sub-commands of the ``unitscale`` CLI, one module each (see ``unitscale.cli``)."""

@@ -1,0 +1,83 @@
+"""The one autograd primitive of unit scaling, and the constraint rules.
+
+``scaled(x, fwd, bwd)`` is the identity times ``fwd`` going forward and the incoming gradient times ``bwd``
+going back. A scaled op is the plain op with ``scaled(., 1, beta_i)`` on each input and ``scaled(., alpha, 1)``
+on its output (REFERENCE §1.2). Constraint resolvers turn an op's ideal (alpha, betas) into the factors to use
+when some inputs arrive over non-cut edges, where alpha must equal beta (REFERENCE §1.3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Constraint = Literal["gmean", "to_output"] | None
+CONSTRAINTS: tuple[Constraint, ...] = ("gmean", "to_output", None)
+
+
+class _Scaled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, fwd: float, bwd: float) -> Tensor:  # type: ignore[override]
+        ctx.bwd = bwd
+        return x * fwd if fwd != 1.0 else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return (grad * ctx.bwd if ctx.bwd != 1.0 else grad), None, None
+
+
+def scaled(x: Tensor, fwd: float = 1.0, bwd: float = 1.0) -> Tensor:
+    """Identity scaled by ``fwd`` in the forward pass and by ``bwd`` in the backward pass.
+
+    y = fwd · x;   ∂L/∂x = bwd · ∂L/∂y   (deliberately not the chain rule when fwd ≠ bwd).
+    Scales are Python floats, so torch.compile folds them into neighbouring kernels.
+    """
+    fwd, bwd = float(fwd), float(bwd)
+    if not (math.isfinite(fwd) and math.isfinite(bwd)) or fwd <= 0 or bwd <= 0:
+        raise ValueError(f"scaled() needs finite positive scales, got fwd={fwd}, bwd={bwd}")
+    if fwd == 1.0 and bwd == 1.0:
+        return x
+    return _Scaled.apply(x, fwd, bwd)
+
+
+def check_constraint(constraint: object) -> Constraint:
+    """Return ``constraint`` if it names a resolver, else raise ValueError listing the accepted names."""
+    if constraint not in CONSTRAINTS:
+        raise ValueError(f"unknown constraint {constraint!r}; accepted: 'gmean', 'to_output', None")
+    return constraint  # type: ignore[return-value]
+
+
+def resolve(
+    alpha: float,
+    betas: Mapping[str, float],
+    constrained: Iterable[str],
+    constraint: Constraint = "gmean",
+) -> tuple[float, dict[str, float]]:
+    """Factors an op uses, from its ideal ``alpha`` and ``betas`` and the inputs on non-cut edges.
+
+    The group {alpha} ∪ {beta_i : i constrained} must share one value:
+      * ``"gmean"`` (default, 2023 paper): (alpha · Π beta_i)^(1/(l+1)), balancing both passes;
+      * ``"to_output"`` (u-μP): alpha, so the forward stays exactly unit;
+      * ``None``: no constraint (legal only when every input edge is cut).
+    Betas of cut inputs are returned unchanged.
+    """
+    check_constraint(constraint)
+    constrained = list(dict.fromkeys(constrained))
+    unknown = [name for name in constrained if name not in betas]
+    if unknown:
+        raise ValueError(f"constrained inputs {unknown} are not among the op's inputs {sorted(betas)}")
+    out = dict(betas)
+    if constraint is None or not constrained:
+        return float(alpha), out
+    if constraint == "gmean":
+        group = [alpha, *(betas[name] for name in constrained)]
+        shared = math.exp(sum(math.log(v) for v in group) / len(group))
+    else:
+        shared = float(alpha)
+    for name in constrained:
+        out[name] = shared
+    return shared, out
