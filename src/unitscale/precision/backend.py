@@ -1,0 +1,145 @@
+"""Matmul backends: how a scaled linear / matmul is executed.
+
+Every matmul of the library goes through one backend object. The model code computes the scale factors
+(``unitscale.functional``); the backend decides the casts and kernels. A backend call computes
+
+    linear:  y = alpha · (x Wᵀ) + c        ∂x = beta_x · (∂y W),  ∂W = beta_w · (∂yᵀ x),  ∂c = beta_c · Σ_rows ∂y
+    matmul:  y = alpha · (a b)             ∂a = beta_a · (∂y bᵀ), ∂b = beta_b · (aᵀ ∂y)
+
+with each factor folded into its GEMM (``torch.addmm``/``torch.mm`` ``alpha``), so eager mode pays no extra
+elementwise kernel for unit scaling. ``Exact`` runs in the compute dtype; subclasses override the three cast
+points (matmul inputs going forward, the output gradient going back) or the whole op.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Role = Literal["weight", "activation"]
+
+
+def _gemm(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """scale · (a @ b) with the scale in the GEMM epilogue (2-D operands)."""
+    if scale == 1.0:
+        return torch.mm(a, b)
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.result_type(a, b), device=a.device)
+    return torch.addmm(out, a, b, beta=0, alpha=scale)
+
+
+class _ScaledLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, alpha, beta_x, beta_w, beta_b, backend):  # type: ignore[override]
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, wq = backend.cast_forward(x2, "activation"), backend.cast_forward(weight, "weight")
+        if bias is None:
+            y = _gemm(xq, wq.t(), alpha)
+        else:
+            y = torch.addmm(bias.to(xq.dtype), xq, wq.t(), alpha=alpha)
+        ctx.save_for_backward(xq, wq)
+        ctx.scales = (beta_x, beta_w, beta_b)
+        ctx.has_bias = bias is not None
+        ctx.backend = backend
+        ctx.lead = lead
+        return y.reshape(*lead, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        xq, wq = ctx.saved_tensors
+        beta_x, beta_w, beta_b = ctx.scales
+        g = grad.reshape(-1, grad.shape[-1])
+        g_raw = g
+        g = ctx.backend.cast_backward(g)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _gemm(g, wq.to(g.dtype), beta_x).reshape(*ctx.lead, wq.shape[1])
+        if ctx.needs_input_grad[1]:
+            gw = _gemm(g.t(), xq.to(g.dtype), beta_w)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            # The bias is not a matmul input: its gradient is a row sum of the unquantised gradient.
+            gb = g_raw.sum(0) * beta_b
+        return gx, gw, gb, None, None, None, None, None
+
+
+class _ScaledMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, alpha, beta_a, beta_b, backend):  # type: ignore[override]
+        aq, bq = backend.cast_forward(a, "activation"), backend.cast_forward(b, "activation")
+        ctx.save_for_backward(aq, bq)
+        ctx.scales = (beta_a, beta_b)
+        ctx.backend = backend
+        y = torch.matmul(aq, bq)
+        return y * alpha if alpha != 1.0 else y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        aq, bq = ctx.saved_tensors
+        beta_a, beta_b = ctx.scales
+        g = ctx.backend.cast_backward(grad)
+        ga = gb = None
+        if ctx.needs_input_grad[0]:
+            ga = _reduce_to(torch.matmul(g, bq.to(g.dtype).transpose(-1, -2)), aq.shape) * beta_a
+        if ctx.needs_input_grad[1]:
+            gb = _reduce_to(torch.matmul(aq.to(g.dtype).transpose(-1, -2), g), bq.shape) * beta_b
+        return ga, gb, None, None, None, None
+
+
+def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a broadcast gradient back to the operand's shape (batched matmul broadcasting)."""
+    if grad.shape == shape:
+        return grad
+    extra = grad.dim() - len(shape)
+    grad = grad.sum(dim=tuple(range(extra))) if extra > 0 else grad
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+class Exact:
+    """Matmuls in the compute dtype, scales folded into the GEMMs. The base of every other backend."""
+
+    name = "exact"
+
+    def cast_forward(self, t: Tensor, role: Role) -> Tensor:
+        """The value a matmul input takes going forward (identity here)."""
+        return t
+
+    def cast_backward(self, grad: Tensor) -> Tensor:
+        """The value a matmul's output gradient takes going back (identity here)."""
+        return grad
+
+    def linear(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        *,
+        alpha: float = 1.0,
+        beta_x: float = 1.0,
+        beta_w: float = 1.0,
+        beta_b: float = 1.0,
+    ) -> Tensor:
+        """y = alpha · x Wᵀ + bias, with backward factors beta_x, beta_w, beta_b (see module docstring)."""
+        if x.shape[-1] != weight.shape[-1]:
+            raise ValueError(
+                f"linear: input feature size {x.shape[-1]} does not match weight shape {tuple(weight.shape)}"
+            )
+        return _ScaledLinear.apply(
+            x, weight, bias, float(alpha), float(beta_x), float(beta_w), float(beta_b), self
+        )
+
+    def matmul(
+        self, a: Tensor, b: Tensor, *, alpha: float = 1.0, beta_a: float = 1.0, beta_b: float = 1.0
+    ) -> Tensor:
+        """y = alpha · a @ b (batched, broadcasting), backward factors beta_a, beta_b."""
+        if a.shape[-1] != b.shape[-2]:
+            raise ValueError(f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
+        return _ScaledMatmul.apply(a, b, float(alpha), float(beta_a), float(beta_b), self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+EXACT = Exact()
