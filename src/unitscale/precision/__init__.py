@@ -1,0 +1,167 @@
+"""Precision: recipes, matmul backends and ``apply(model, recipe)``.
+
+``apply`` walks a model and gives every matmul-running module its backend: unitscale modules (anything
+with a ``precision`` attribute) get it directly; plain ``nn.Linear`` modules become ``QuantisedLinear``
+(same parameters, same state_dict keys). Modules whose matmuls cannot be reached are reported by name.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from unitscale.precision.backend import EXACT, Exact
+from unitscale.precision.recipe import BACKENDS, RECIPE_NAMES, Recipe, get_recipe
+
+__all__ = [
+    "BACKENDS", "EXACT", "RECIPE_NAMES", "Exact", "MatmulPlan", "QuantisedLinear", "Recipe", "apply",
+    "backend_for", "describe", "get_recipe", "plan",
+]
+
+# Modules whose internal matmuls bypass any backend: reported, never silently left unquantised.
+_UNREACHABLE = (nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase, nn.Bilinear, nn.modules.conv._ConvNd)
+
+
+class QuantisedLinear(nn.Linear):
+    """An ``nn.Linear`` whose matmul runs through ``self.precision`` (a backend). Same parameters."""
+
+    precision: Any
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.precision.linear(input, self.weight, self.bias)
+
+
+@dataclass(frozen=True)
+class MatmulPlan:
+    """How one matmul-running module will execute: its path, kind, recipe, backend and why."""
+
+    path: str
+    kind: str  # "linear" | "attention" | "unreachable"
+    recipe: Recipe
+    backend: str
+    reason: str
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, _UNREACHABLE):
+        return "unreachable"
+    return "linear" if hasattr(module, "in_features") and hasattr(module, "weight") else "attention"
+
+
+def plan(model: nn.Module, recipe: Recipe | str) -> list[MatmulPlan]:
+    """Where each matmul of ``model`` will run under ``recipe`` (one rule for apply and describe)."""
+    recipe = get_recipe(recipe)
+    rows = []
+    for path, module in model.named_modules():
+        owns = hasattr(module, "precision") and type(module).__module__.startswith("unitscale")
+        if not (owns or type(module) is nn.Linear or isinstance(module, _UNREACHABLE)):
+            continue
+        kind = _kind(module)
+        sub, why = recipe.for_module(path)
+        if kind == "unreachable":
+            rows.append(MatmulPlan(path, kind, sub, "none", f"{type(module).__name__} matmuls are internal"))
+            continue
+        backend = _backend_name(sub, kind)
+        if backend != sub.backend and sub.backend == "int4":
+            why += "; attention matmuls stay in high precision (INT4 paper)"
+        elif backend != sub.backend:
+            why += "; no CUDA: fp8 falls back to simulate"
+        rows.append(MatmulPlan(path, kind, sub, backend, why))
+    return rows
+
+
+def _backend_name(recipe: Recipe, kind: str) -> str:
+    if recipe.backend == "int4" and kind != "linear":
+        return "exact"
+    if recipe.backend == "fp8" and not torch.cuda.is_available():
+        return "simulate"
+    if recipe.backend == "simulate" and not recipe.quantises:
+        return "exact"
+    return recipe.backend
+
+
+@cache
+def _shared_simulate(recipe: Recipe) -> Exact:
+    from unitscale.precision.simulate import Simulate
+
+    return Simulate(recipe.weight_format, recipe.activation_format, recipe.grad_format, recipe.grad_rounding)
+
+
+def backend_for(module: nn.Module, recipe: Recipe, kind: str | None = None) -> Any:
+    """The backend object a module should hold under ``recipe`` (shared where stateless)."""
+    kind = kind or _kind(module)
+    name = _backend_name(recipe, kind)
+    if name == "exact":
+        return None
+    if name == "simulate":
+        return _shared_simulate(recipe)
+    if name == "int4":
+        from unitscale.precision.int4 import int4_backend_for
+
+        return int4_backend_for(module, recipe.int4)
+    from unitscale.precision.fp8 import fp8_backend_for  # Hopper only
+
+    return fp8_backend_for(module, recipe)
+
+
+def _set_backend(module: nn.Module, backend: Any) -> None:
+    if "precision" in module._modules:
+        del module._modules["precision"]
+    if isinstance(backend, nn.Module) and hasattr(module, "weight"):
+        backend = backend.to(module.weight.device)
+    module.precision = backend
+
+
+_warned_fp8_fallback = False
+
+
+def apply(model: nn.Module, recipe: Recipe | str) -> nn.Module:
+    """Give every matmul of ``model`` the backend ``recipe`` asks for (in place; returns ``model``).
+
+    Unitscale modules get the backend in their ``precision`` attribute; plain ``nn.Linear`` becomes
+    ``QuantisedLinear`` (same parameters and state_dict keys). Modules with internal matmuls that no backend
+    reaches (nn.MultiheadAttention, convs, RNNs) are named in a warning when the recipe quantises them.
+    """
+    global _warned_fp8_fallback
+    recipe = get_recipe(recipe)
+    modules = dict(model.named_modules())
+    unreachable = []
+    for row in plan(model, recipe):
+        module = modules[row.path]
+        if row.kind == "unreachable":
+            if row.recipe.quantises:
+                unreachable.append(f"{row.path or '<root>'} ({type(module).__name__})")
+            continue
+        if row.recipe.backend == "fp8" and row.backend == "simulate" and not _warned_fp8_fallback:
+            warnings.warn("unitscale: no CUDA device, the fp8 backend runs as the simulate backend", stacklevel=2)
+            _warned_fp8_fallback = True
+        if type(module) is nn.Linear:
+            module.__class__ = QuantisedLinear
+        backend = backend_for(module, row.recipe, row.kind)
+        _set_backend(module, EXACT if backend is None and isinstance(module, QuantisedLinear) else backend)
+    if unreachable:
+        warnings.warn(
+            "unitscale.precision.apply: these modules run matmuls no backend can reach and stay in the "
+            f"compute dtype: {', '.join(unreachable)}. Convert them (unitscale.unit_scale) or override them.",
+            stacklevel=2,
+        )
+    model.unitscale_recipe = recipe.name
+    return model
+
+
+def describe(model: nn.Module, recipe: Recipe | str) -> str:
+    """A table of every matmul in ``model``: the format and backend it runs in under ``recipe``, and why."""
+    rows = plan(model, recipe)
+    width = max([len(r.path) for r in rows] + [6])
+    lines = [f"{'module':<{width}}  {'kind':<11} {'backend':<9} {'w/x/grad formats':<28} reason"]
+    for r in rows:
+        fmts = "/".join(str(f) for f in (r.recipe.weight_format, r.recipe.activation_format, r.recipe.grad_format))
+        if r.backend == "exact":
+            fmts = f"({str(r.recipe.compute_dtype).split('.')[-1]})"
+        lines.append(f"{r.path or '<root>':<{width}}  {r.kind:<11} {r.backend:<9} {fmts:<28} {r.reason}")
+    return "\n".join(lines)

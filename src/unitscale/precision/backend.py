@@ -66,8 +66,8 @@ class _ScaledLinear(torch.autograd.Function):
 
 class _ScaledMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, alpha, beta_a, beta_b, backend):  # type: ignore[override]
-        aq, bq = backend.cast_forward(a, "activation"), backend.cast_forward(b, "activation")
+    def forward(ctx, a, b, alpha, beta_a, beta_b, backend, roles):  # type: ignore[override]
+        aq, bq = backend.cast_forward(a, roles[0]), backend.cast_forward(b, roles[1])
         ctx.save_for_backward(aq, bq)
         ctx.scales = (beta_a, beta_b)
         ctx.backend = backend
@@ -84,7 +84,7 @@ class _ScaledMatmul(torch.autograd.Function):
             ga = _reduce_to(torch.matmul(g, bq.to(g.dtype).transpose(-1, -2)), aq.shape) * beta_a
         if ctx.needs_input_grad[1]:
             gb = _reduce_to(torch.matmul(aq.to(g.dtype).transpose(-1, -2), g), bq.shape) * beta_b
-        return ga, gb, None, None, None, None
+        return ga, gb, None, None, None, None, None
 
 
 def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -95,6 +95,17 @@ def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
     grad = grad.sum(dim=tuple(range(extra))) if extra > 0 else grad
     dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
     return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under torch.autocast, matmul operands run in the autocast dtype (custom Functions are not cast)."""
+    ref = tensors[0]
+    assert ref is not None
+    device = ref.device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 class Exact:
@@ -126,17 +137,29 @@ class Exact:
             raise ValueError(
                 f"linear: input feature size {x.shape[-1]} does not match weight shape {tuple(weight.shape)}"
             )
+        x, weight, bias = _autocast(x, weight, bias)
         return _ScaledLinear.apply(
             x, weight, bias, float(alpha), float(beta_x), float(beta_w), float(beta_b), self
         )
 
     def matmul(
-        self, a: Tensor, b: Tensor, *, alpha: float = 1.0, beta_a: float = 1.0, beta_b: float = 1.0
+        self,
+        a: Tensor,
+        b: Tensor,
+        *,
+        alpha: float = 1.0,
+        beta_a: float = 1.0,
+        beta_b: float = 1.0,
+        roles: tuple[Role, Role] = ("activation", "activation"),
     ) -> Tensor:
-        """y = alpha · a @ b (batched, broadcasting), backward factors beta_a, beta_b."""
+        """y = alpha · a @ b (batched, broadcasting), backward factors beta_a, beta_b.
+
+        ``roles`` say which operand is a weight (a grouped convolution's kernel) for the forward casts.
+        """
         if a.shape[-1] != b.shape[-2]:
             raise ValueError(f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
-        return _ScaledMatmul.apply(a, b, float(alpha), float(beta_a), float(beta_b), self)
+        a, b = _autocast(a, b)
+        return _ScaledMatmul.apply(a, b, float(alpha), float(beta_a), float(beta_b), self, roles)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -1,0 +1,45 @@
+"""The simulate backend: matmul inputs and output gradients rounded to a format, compute in higher precision."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from unitscale.formats import get_format, quantise
+from unitscale.precision.backend import Exact, Role
+
+
+class Simulate(Exact):
+    """Rounds each matmul input (forward) and each matmul output gradient (backward) to its format.
+
+    Values are saturated to ±max (the behaviour of a scaled FP8 cast on hardware); RNE by default,
+    stochastic rounding for gradients when asked. Everything else runs in the compute dtype.
+    """
+
+    name = "simulate"
+
+    def __init__(
+        self,
+        weight_format: str | None,
+        activation_format: str | None,
+        grad_format: str | None,
+        grad_rounding: str = "nearest",
+    ) -> None:
+        self.formats = {
+            "weight": get_format(weight_format) if weight_format else None,
+            "activation": get_format(activation_format) if activation_format else None,
+        }
+        self.grad_format = get_format(grad_format) if grad_format else None
+        self.grad_rounding = grad_rounding
+
+    def cast_forward(self, t: Tensor, role: Role) -> Tensor:
+        fmt = self.formats[role]
+        return t if fmt is None else quantise(t, fmt)
+
+    def cast_backward(self, grad: Tensor) -> Tensor:
+        fmt = self.grad_format
+        return grad if fmt is None else quantise(grad, fmt, rounding=self.grad_rounding)
+
+    def __repr__(self) -> str:
+        w, a = (f.name if f else None for f in self.formats.values())
+        g = self.grad_format.name if self.grad_format else None
+        return f"Simulate(weight={w}, activation={a}, grad={g}, grad_rounding={self.grad_rounding!r})"
