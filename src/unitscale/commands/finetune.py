@@ -1,0 +1,66 @@
+"""``unitscale finetune``: MiniLM-L6 on Wikipedia topic classification, mean ± std over seeds."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "finetune"
+HELP = "fine-tune MiniLM-L6 on Wikipedia topics (11 classes) in a precision recipe, standard or unit-scaled"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from unitscale.train.finetune import FinetuneConfig
+
+    d = FinetuneConfig()
+    parser.add_argument(
+        "--precision", default=d.precision, help="recipe name, e.g. fp32, fp16, fp8 (default fp32)"
+    )
+    parser.add_argument("--scaling", default=d.scaling, choices=("standard", "unit"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
+    parser.add_argument(
+        "--epochs", type=float, default=d.epochs, help=f"passes over the training set ({d.epochs})"
+    )
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak AdamW learning rate ({d.lr:g})")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of the steps")
+    parser.add_argument("--max-len", type=int, default=d.max_len, help=f"tokens per article ({d.max_len})")
+    parser.add_argument(
+        "--train-subset", type=int, default=None, help="use the first N training articles (default: all)"
+    )
+    parser.add_argument("--pooling", default=d.pooling, choices=("mean", "cls"))
+    parser.add_argument("--max-steps", type=int, default=None, help="stop each seed after this many steps")
+    parser.add_argument("--out", default="runs/ft", help="output folder (default runs/ft)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from unitscale.train.finetune import FinetuneConfig
+    from unitscale.train.finetune import run as run_finetune
+
+    config = FinetuneConfig(
+        precision=args.precision,
+        scaling=args.scaling,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup=args.warmup,
+        max_len=args.max_len,
+        train_subset=args.train_subset,
+        pooling=args.pooling,
+    )
+    if config.scaling == "unit":
+        from unitscale.train.finetune import require_unit_scale
+
+        require_unit_scale()  # fail before any data or weights load
+    summary = run_finetune(
+        config, args.seeds, args.out, show_progress=not args.no_progress, max_steps=args.max_steps
+    )
+    from unitscale.train.finetune import markdown_table
+
+    Console().print(markdown_table([summary]), markup=False, highlight=False)
+    print(f"wrote {args.out}/{config.run_name}/summary.json, summary.md and {args.out}/results.md")
+    return 1 if summary["diverged"] else 0

@@ -1,0 +1,337 @@
+"""Fine-tune MiniLM-L6 on Wikipedia topic classification, in any precision recipe, standard or unit-scaled.
+
+One seed: classifier = MiniLM encoder + mean pooling + linear head; AdamW (no decay on vectors), learning
+rate linear warm-up over ``warmup`` of the steps then linear decay to 0; cross-entropy; accuracy on the
+valid and test splits at the end. Metrics go to ``<out>/<run>/seed<k>.jsonl``; over seeds, accuracy
+mean ± sample std goes to ``<out>/<run>/summary.json`` and ``summary.md``, and every run under ``out`` is
+gathered into ``<out>/results.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unitscale.models.bert import POOLINGS, BertClassifier, load_minilm
+from unitscale.train.topics import TOPICS, TopicData, load_topics
+
+SCALINGS = ("standard", "unit")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Hyper-parameters of one fine-tuning run (all seeds share them)."""
+
+    precision: str = "fp32"
+    scaling: str = "standard"
+    epochs: float = 1.0
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    max_len: int = 64
+    train_subset: int | None = None
+    pooling: str = "mean"
+    dropout: float = 0.1
+    eval_batch_size: int = 128
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"unknown scaling {self.scaling!r}; accepted: {', '.join(SCALINGS)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; accepted: {', '.join(POOLINGS)}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        for name in ("epochs", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("batch_size", "max_len", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.scaling}-{self.precision}"
+
+
+def lr_factor(step: int, total: int, warmup_steps: int) -> float:
+    """Linear warm-up 0 → 1 over ``warmup_steps`` (reaching 1 at step = warmup_steps), then 1 → 0 at total."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total - step) / max(1, total - warmup_steps))
+
+
+def require_unit_scale() -> Callable[[nn.Module], nn.Module]:
+    """``unitscale.unit_scale``, or a ValueError saying it is not available yet."""
+    try:
+        from unitscale.transforms import unit_scale
+    except ImportError as err:
+        raise ValueError(
+            "--scaling unit is not yet available: unitscale.unit_scale (unitscale.transforms) is missing; "
+            "accepted now: --scaling standard"
+        ) from err
+    return unit_scale
+
+
+def build_model(config: FinetuneConfig, seed: int) -> tuple[nn.Module, Any]:
+    """MiniLM classifier for the 11 topics, unit-scaled if asked, with the precision recipe applied."""
+    from unitscale import precision
+
+    recipe = precision.get_recipe(config.precision)  # fail on a bad name before the model loads
+    torch.manual_seed(seed)
+    encoder, _ = load_minilm(max_len=config.max_len, with_pooler=False)
+    model: nn.Module = BertClassifier(encoder, len(TOPICS), pooling=config.pooling, dropout=config.dropout)
+    if config.scaling == "unit":
+        model = require_unit_scale()(model)
+    return precision.apply(model, recipe), recipe
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only; biases and norm gains (ndim < 2) are not decayed (BERT practice)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def _batches(data: TopicData, batch_size: int, order: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        mask = data.attention_mask[idx]
+        width = int(mask.sum(1).max())  # trim columns that are padding in every row of this batch
+        yield data.input_ids[idx, :width], mask[:, :width], data.labels[idx]
+
+
+def _autocast(recipe: Any) -> contextlib.AbstractContextManager:
+    if recipe.compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=recipe.compute_dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TopicData, recipe: Any, batch_size: int = 128) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``data`` (eval mode, no dropout)."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for ids, mask, labels in _batches(data, batch_size, torch.arange(len(data))):
+        with _autocast(recipe):
+            logits = model(ids, mask).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(-1) == labels).sum())
+    model.train(was_training)
+    return {"acc": correct / len(data), "loss": loss_sum / len(data)}
+
+
+def train_seed(
+    config: FinetuneConfig,
+    seed: int,
+    data: dict[str, TopicData],
+    log: Callable[[dict[str, Any]], None] = lambda record: None,
+    progress: Callable[[int, int, float], None] = lambda step, total, loss: None,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Fine-tune one seed; returns final metrics. ``data`` has "train" and any of "valid"/"test".
+
+    ``log`` receives every metrics record (also written as JSONL by ``run``); ``progress`` is called after
+    each step with (step, total_steps, loss). A non-finite loss stops training (``diverged`` = True).
+    """
+    model, recipe = build_model(config, seed)
+    train = data["train"].subset(config.train_subset)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = max(1, round(config.epochs * steps_per_epoch))
+    if max_steps is not None:
+        total = min(total, max_steps)
+    warmup_steps = max(1, round(config.warmup * total))
+    opt = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup_steps))
+    loss_scale = recipe.loss_scale or 1.0
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    step, diverged, losses = 0, False, []
+    start = time.perf_counter()
+    while step < total and not diverged:
+        for ids, mask, labels in _batches(
+            train, config.batch_size, torch.randperm(len(train), generator=gen)
+        ):
+            with _autocast(recipe):
+                logits = model(ids, mask)
+            loss = F.cross_entropy(logits.float(), labels)
+            if not torch.isfinite(loss):
+                diverged = True
+                log({"seed": seed, "step": step, "event": "diverged", "loss": loss.item()})
+                break
+            (loss * loss_scale).backward()
+            if loss_scale != 1.0:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(loss_scale)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+            progress(step, total, losses[-1])
+            if step % config.log_every == 0 or step == total:
+                window = losses[-config.log_every :]
+                log(
+                    {
+                        "seed": seed,
+                        "step": step,
+                        "loss": sum(window) / len(window),
+                        "lr": sched.get_last_lr()[0],
+                        "elapsed_s": time.perf_counter() - start,
+                    }
+                )
+            if step >= total:
+                break
+    train_s = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "seed": seed,
+        "steps": step,
+        "train_examples": len(train),
+        "train_s": train_s,
+        "steps_per_s": step / train_s if train_s > 0 else float("nan"),
+        "diverged": diverged,
+        "first_loss": losses[0] if losses else float("nan"),
+        "final_loss": sum(losses[-config.log_every :]) / len(losses[-config.log_every :]) if losses else None,
+    }
+    for split in ("valid", "test"):
+        if split in data:
+            metrics = evaluate(model, data[split], recipe, config.eval_batch_size)
+            result[f"{split}_acc"] = metrics["acc"]
+            result[f"{split}_loss"] = metrics["loss"]
+    log({"seed": seed, "event": "final", **result})
+    return result
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1); std is NaN for a single value."""
+    if not values:
+        raise ValueError("mean_std needs at least one value")
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def summarise(config: FinetuneConfig, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std over seeds of accuracy (in %), losses and time, with the config that produced them."""
+    summary: dict[str, Any] = {
+        "run": config.run_name,
+        "config": dataclasses.asdict(config),
+        "n_seeds": len(results),
+    }
+    summary["seeds"] = [r["seed"] for r in results]
+    summary["diverged"] = sum(bool(r["diverged"]) for r in results)
+    for key, factor in (("valid_acc", 100.0), ("test_acc", 100.0), ("final_loss", 1.0), ("train_s", 1.0)):
+        values = [r[key] * factor for r in results if r.get(key) is not None]
+        if values:
+            mean, std = mean_std(values)
+            summary[key] = {"mean": mean, "std": std, "values": values}
+    summary["per_seed"] = list(results)
+    return summary
+
+
+def _pm(entry: dict[str, float] | None, digits: int) -> str:
+    if entry is None:
+        return "—"
+    std = "" if math.isnan(entry["std"]) else f" ± {entry['std']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f}{std}"
+
+
+TABLE_HEADER = (
+    "| run | precision | scaling | seeds | valid acc (%) | test acc (%) | final train loss | s / seed |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def table_row(summary: dict[str, Any]) -> str:
+    c = summary["config"]
+    seeds = " ".join(str(s) for s in summary["seeds"])
+    if summary["diverged"]:
+        seeds += f" ({summary['diverged']} diverged)"
+    cells = [
+        summary["run"],
+        c["precision"],
+        c["scaling"],
+        seeds,
+        _pm(summary.get("valid_acc"), 2),
+        _pm(summary.get("test_acc"), 2),
+        _pm(summary.get("final_loss"), 3),
+        _pm(summary.get("train_s"), 0),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
+    """Markdown table: one row per run, accuracy as mean ± sample std over seeds."""
+    return "\n".join([TABLE_HEADER, *(table_row(s) for s in summaries)]) + "\n"
+
+
+def collect_table(out: str | Path) -> str:
+    """Gather every ``<out>/*/summary.json`` into one markdown table, written to ``<out>/results.md``."""
+    out = Path(out)
+    summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*/summary.json"))]
+    table = markdown_table(summaries)
+    (out / "results.md").write_text(table)
+    return table
+
+
+def load_data(config: FinetuneConfig) -> dict[str, TopicData]:
+    return {split: load_topics(split, config.max_len) for split in ("train", "valid", "test")}
+
+
+def run(
+    config: FinetuneConfig,
+    seeds: Sequence[int],
+    out: str | Path,
+    show_progress: bool = True,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Fine-tune every seed; write metrics JSONL, summary JSON/markdown and the gathered table."""
+    if not seeds:
+        raise ValueError("need at least one seed")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    run_dir = Path(out) / config.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = load_data(config)
+    results = []
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not show_progress) as bar:
+        for seed in seeds:
+            task = bar.add_task(f"{config.run_name} seed {seed}", total=None, loss=float("nan"))
+            with (run_dir / f"seed{seed}.jsonl").open("w") as fh:
+
+                def log(record: dict[str, Any], fh=fh) -> None:
+                    fh.write(json.dumps(record) + "\n")
+                    fh.flush()
+
+                def progress(step: int, total: int, loss: float, task=task) -> None:
+                    bar.update(task, completed=step, total=total, loss=loss)
+
+                results.append(train_seed(config, seed, data, log, progress, max_steps))
+    summary = summarise(config, results)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "summary.md").write_text(markdown_table([summary]))
+    collect_table(out)
+    return summary
