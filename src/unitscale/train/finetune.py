@@ -304,6 +304,9 @@ def run(
     """Fine-tune every seed; write metrics JSONL, summary JSON/markdown and the gathered table."""
     if not seeds:
         raise ValueError("need at least one seed")
+    from unitscale import precision
+
+    precision.get_recipe(config.precision)  # a bad name fails before data and weights load
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     run_dir = Path(out) / config.run_name
