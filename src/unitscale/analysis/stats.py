@@ -114,8 +114,8 @@ def hist_quantile(hist: np.ndarray, q: float) -> float:
         return math.nan
     cum = np.cumsum(counts)
     target = q * total
-    i = int(np.searchsorted(cum, target, side="left"))
-    i = min(i, N_OCTAVE_BINS - 1)
+    # First non-empty bin whose cumulative count reaches the target (q = 0 must not land on empty bins).
+    i = int(np.flatnonzero((cum >= target) & (counts > 0))[0])
     below = cum[i] - counts[i]
     inside = (target - below) / counts[i] if counts[i] else 0.0
     return HIST_LO + (i + float(np.clip(inside, 0.0, 1.0))) / BINS_PER_OCTAVE
