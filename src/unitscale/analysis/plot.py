@@ -44,7 +44,7 @@ def plot_records(records: Sequence[Any], fmt: str, title: str = "") -> Any:
     row = {s: i for i, s in enumerate(sites)}
     n = max(len(sites), 1)
     # A bare Figure (no pyplot): no global state, no GUI backend, safe in scripts and servers.
-    fig = Figure(figsize=(17, 2.2 + ROW_HEIGHT_IN * n))
+    fig = Figure(figsize=(17, 2.4 + ROW_HEIGHT_IN * n))
     axes = fig.subplots(1, 2, sharey=True, gridspec_kw={"wspace": 0.04})
     data = _finite([v for r in records for v in (*r.spread, r.log2_rms, r.log2_absmax)])
     d_lo, d_hi = (min(data), max(data)) if data else (-8.0, 8.0)
@@ -91,9 +91,12 @@ def plot_records(records: Sequence[Any], fmt: str, title: str = "") -> Any:
         Patch(color="tab:red", alpha=0.25, label="overflow"),
         Line2D([], [], marker="x", ls="", color="black", label="non-finite / zero RMS"),
     ]
+    # Title and legend take a fixed height in inches above the panels, whatever the number of rows.
+    height = fig.get_figheight()
+    fig.subplots_adjust(top=1 - 1.5 / height, bottom=0.7 / height, left=0.2, right=0.98)
+    fig.suptitle(title, fontsize=14, y=1 - 0.12 / height, va="top")
     fig.legend(handles=handles, loc="upper center", ncol=5, fontsize=10, frameon=False,
-               bbox_to_anchor=(0.5, 1.0 + 0.9 / fig.get_figheight()))
-    fig.suptitle(title, fontsize=14, y=1.0 + 1.6 / fig.get_figheight())
+               bbox_to_anchor=(0.5, 1 - 0.45 / height))
     return fig
 
 

@@ -173,6 +173,21 @@ class _Tracker:
                 self.seen_params[id(p)] = (p, module, pname)
                 self.record(p, site=f"{module} / {pname}", module=module, op=pname, role="weight",
                             pass_="forward")
+                # Weights are read before the module that uses them: move the record next to the first
+                # record of its nearest recorded ancestor, so the plot shows it beside its module.
+                entry = self.entries.pop()
+                self.entries.insert(self._anchor(module), entry)
+        for i, entry in enumerate(self.entries):
+            entry["order"] = i
+
+    def _anchor(self, module: str) -> int:
+        parts = module.split(".")
+        for k in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:k])
+            for i, e in enumerate(self.entries):
+                if e["module"] == prefix or e["module"].startswith(prefix + "."):
+                    return i
+        return len(self.entries)
 
     def record_param_grads(self) -> None:
         for p, module, pname in self.seen_params.values():
