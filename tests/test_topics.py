@@ -90,11 +90,15 @@ def test_tensors_deterministic_and_consistent(splits, split):
 
 def test_subset_and_bad_split():
     data = load_topics("valid", MAX_LEN)
-    sub = data.subset(10)
-    assert (
-        len(sub) == 10 and torch.equal(sub.input_ids, data.input_ids[:10]) and sub.titles == data.titles[:10]
-    )
-    assert data.subset(None) is data
+    sub = data.subset(100)
+    assert len(sub) == 100 and sub.input_ids.shape == (100, MAX_LEN)
+    assert list(sub.titles) == sorted(sub.titles) and set(sub.titles) < set(data.titles)
+    assert sub.titles != data.titles[:100]  # random, not the alphabetical head
+    pos = {t: i for i, t in enumerate(data.titles)}
+    rows = torch.tensor([pos[t] for t in sub.titles])
+    assert torch.equal(sub.input_ids, data.input_ids[rows]) and torch.equal(sub.labels, data.labels[rows])
+    assert data.subset(100).titles == sub.titles  # fixed
+    assert data.subset(None) is data and data.subset(len(data)) is data
     with pytest.raises(ValueError, match="subset size"):
         data.subset(0)
     with pytest.raises(ValueError, match="split 'dev'.*train, valid, test"):

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of the steps")
     parser.add_argument("--max-len", type=int, default=d.max_len, help=f"tokens per article ({d.max_len})")
     parser.add_argument(
-        "--train-subset", type=int, default=None, help="use the first N training articles (default: all)"
+        "--train-subset", type=int, default=None, help="train on a fixed random N articles (default: all)"
     )
     parser.add_argument("--pooling", default=d.pooling, choices=("mean", "cls"))
     parser.add_argument("--max-steps", type=int, default=None, help="stop each seed after this many steps")

@@ -31,6 +31,7 @@ TOPICS: tuple[str, ...] = (
 )
 DROPPED_TOPIC = "Uncategorized"
 SPLITS = ("train", "valid", "test")
+SUBSET_SEED = 1234
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,21 @@ class TopicData:
         return len(self.titles)
 
     def subset(self, n: int | None) -> TopicData:
-        """The first ``n`` examples (all when None); order is by title, so this is a fixed subset."""
+        """A fixed random ``n`` examples, in title order (all when None); the same for every run seed."""
         if n is None or n >= len(self):
             return self
         if n < 1:
             raise ValueError(f"subset size must be >= 1 or None, got {n}")
+        # A generator of its own: the subset is part of the dataset definition, not of the run's randomness.
+        idx = (
+            torch.randperm(len(self), generator=torch.Generator().manual_seed(SUBSET_SEED))[:n].sort().values
+        )
         return TopicData(
-            self.split, self.input_ids[:n], self.attention_mask[:n], self.labels[:n], self.titles[:n]
+            self.split,
+            self.input_ids[idx],
+            self.attention_mask[idx],
+            self.labels[idx],
+            tuple(self.titles[i] for i in idx.tolist()),
         )
 
     def class_counts(self) -> Tensor:
