@@ -95,6 +95,8 @@ def _norm(cfg: CharLMConfig) -> nn.Module:
 class Attention(nn.Module):
     """Causal multi-head self-attention; its two attention matmuls run through ``self.precision``."""
 
+    matmul_kind = "attention"
+
     def __init__(self, cfg: CharLMConfig) -> None:
         super().__init__()
         self.cfg, self.precision = cfg, None
@@ -116,6 +118,8 @@ class CausalConv(nn.Module):
     Each group is a matmul (b × k·C/G) @ (k·C/G × C/G) with b = batch·length, so the unit scale rule is the
     linear rule with fan_in = k·C/G and fan_out = C/G, and the backends see an ordinary matmul.
     """
+
+    matmul_kind = "conv"
 
     def __init__(self, cfg: CharLMConfig) -> None:
         super().__init__()

@@ -48,8 +48,12 @@ class MatmulPlan:
 
 
 def _kind(module: nn.Module) -> str:
+    """"linear", "attention", "conv" (a module may declare ``matmul_kind``) or "unreachable"."""
     if isinstance(module, _UNREACHABLE):
         return "unreachable"
+    declared = getattr(module, "matmul_kind", None)
+    if declared:
+        return declared
     return "linear" if hasattr(module, "in_features") and hasattr(module, "weight") else "attention"
 
 
@@ -68,7 +72,7 @@ def plan(model: nn.Module, recipe: Recipe | str) -> list[MatmulPlan]:
             continue
         backend = _backend_name(sub, kind)
         if backend != sub.backend and sub.backend == "int4":
-            why += "; attention matmuls stay in high precision (INT4 paper)"
+            why += f"; {kind} matmuls stay in high precision (INT4 paper: linear layers only)"
         elif backend != sub.backend:
             why += "; no CUDA: fp8 falls back to simulate"
         rows.append(MatmulPlan(path, kind, sub, backend, why))

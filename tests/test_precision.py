@@ -1,0 +1,153 @@
+"""Recipes and their application: every matmul quantised, values equal to torch's own float8 casts."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unitscale import precision
+from unitscale.precision import QuantisedLinear, Recipe, apply, describe, get_recipe
+from unitscale.precision.simulate import Simulate
+
+
+def _torch_cast(t: torch.Tensor, dtype: torch.dtype, max_value: float) -> torch.Tensor:
+    """Independent reference: saturate, then round-trip through torch's own float8 dtype."""
+    return t.clamp(-max_value, max_value).to(dtype).to(t.dtype)
+
+
+@pytest.mark.parametrize("name", precision.RECIPE_NAMES)
+def test_named_recipes_resolve(name: str) -> None:
+    r = get_recipe(name)
+    assert r.name == name
+    assert get_recipe(r) is r
+
+
+def test_unknown_recipe_lists_names() -> None:
+    with pytest.raises(ValueError, match="unknown recipe 'fp7'.*fp32.*fp8"):
+        get_recipe("fp7")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"backend": "tpu"}, "unknown backend 'tpu'"),
+        ({"grad_rounding": "up"}, "unknown grad_rounding 'up'"),
+        ({"loss_scale": -1.0}, "loss_scale must be a positive"),
+        ({"weight_format": "fp9"}, "fp9"),
+        ({"compute_dtype": torch.float64}, "unsupported compute_dtype"),
+    ],
+)
+def test_recipe_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Recipe(**kwargs)
+
+
+def test_fp8_recipe_formats() -> None:
+    r = Recipe.fp8()
+    assert (r.weight_format, r.activation_format, r.grad_format) == ("fp8_e4b", "fp8_e4b", "fp8_e5b")
+    a = Recipe.fp8(variant="a")
+    assert (a.weight_format, a.grad_format) == ("fp8_e4a", "fp8_e5a")
+    with pytest.raises(ValueError, match="variant 'c'"):
+        Recipe.fp8(variant="c")
+
+
+def test_quantised_linear_matches_torch_float8_casts() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    x = (torch.randn(16, 64) * 3).requires_grad_()
+    ref_w = lin.weight.detach().clone()
+    apply(lin, "fp8")
+    assert isinstance(lin, QuantisedLinear)
+    y = lin(x)
+    g = torch.randn_like(y) * 1e-3
+    y.backward(g)
+    e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    xq, wq, gq = _torch_cast(x.detach(), e4, 448.0), _torch_cast(ref_w, e4, 448.0), _torch_cast(g, e5, 57344.0)
+    torch.testing.assert_close(y, F.linear(xq, wq, lin.bias), rtol=0, atol=1e-5)
+    torch.testing.assert_close(x.grad, gq @ wq, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lin.weight.grad, gq.t() @ xq, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lin.bias.grad, g.sum(0))  # the bias is not a matmul input
+
+
+class _Counter:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.forward = {"weight": 0, "activation": 0}
+        self.backward = 0
+        fwd, bwd = Simulate.cast_forward, Simulate.cast_backward
+
+        def cast_forward(backend, t, role):
+            self.forward[role] += 1
+            return fwd(backend, t, role)
+
+        def cast_backward(backend, g):
+            self.backward += 1
+            return bwd(backend, g)
+
+        monkeypatch.setattr(Simulate, "cast_forward", cast_forward)
+        monkeypatch.setattr(Simulate, "cast_backward", cast_backward)
+
+
+@pytest.mark.parametrize("scaling", ["unit", "standard"])
+def test_every_matmul_of_a_gpt_is_quantised(scaling: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from unitscale.models import build
+
+    n_layers = 3
+    model = build("gpt", vocab_size=40, scaling=scaling, n_layers=n_layers, d_model=32, n_heads=2, seq_len=16)
+    apply(model, "fp8")
+    counter = _Counter(monkeypatch)
+    idx = torch.randint(0, 40, (2, 16))
+    _, loss = model(idx, idx)
+    loss.backward()
+    # Per layer: qkv, out, up, down linears + QK^T and PV attention matmuls; plus the LM head.
+    linears, attention = 4 * n_layers + 1, 2 * n_layers
+    assert counter.forward == {"weight": linears, "activation": linears + 2 * attention}
+    assert counter.backward == linears + attention
+
+
+def test_plain_torch_model_every_linear_swapped_and_unreachable_reported() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4)), nn.Conv1d(4, 4, 3))
+    with pytest.warns(UserWarning, match=r"3 \(Conv1d\)"):
+        apply(model, "fp8")
+    assert isinstance(model[0], QuantisedLinear) and isinstance(model[2][0], QuantisedLinear)
+    assert set(model.state_dict()) == {"0.weight", "0.bias", "2.0.weight", "2.0.bias", "3.weight", "3.bias"}
+
+
+def test_overrides_by_glob_and_describe() -> None:
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(8, 8))
+    model.add_module("lm_head", nn.Linear(8, 4))
+    recipe = Recipe.fp8().with_overrides(("lm_head", "bf16"))
+    apply(model, recipe)
+    assert isinstance(model.body.precision, Simulate)
+    assert model.lm_head.precision is precision.EXACT
+    text = describe(model, recipe)
+    assert "override 'lm_head'" in text and "fp8_e4b/fp8_e4b/fp8_e5b" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_fp8_backend_falls_back_to_simulate_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision, "_warned_fp8_fallback", False)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply(model, Recipe.fp8(backend="fp8"))
+    fallbacks = [w for w in caught if "no CUDA device" in str(w.message)]
+    assert len(fallbacks) == 1  # one line, not one per layer
+    assert isinstance(model[0].precision, Simulate)
+
+
+def test_autocast_fp16_runs_matmuls_in_fp16_and_keeps_fp32_grads() -> None:
+    torch.manual_seed(0)
+    lin = apply(nn.Linear(16, 8), "fp32")
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = lin(x)
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    assert lin.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(lin.weight.grad, torch.ones(4, 8).t() @ x.detach().half().float(), rtol=1e-3,
+                               atol=1e-3)
