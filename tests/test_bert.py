@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.fx
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
@@ -218,9 +219,10 @@ def test_classifier_padding_invariant(minilm):
     for pooling in ("mean", "cls"):
         torch.manual_seed(0)
         clf = BertClassifier(encoder, num_labels=11, pooling=pooling).eval()
+        one, many = tok(SENTENCES[0]), tok(SENTENCES)
         with torch.no_grad():
-            alone = clf(**tok(SENTENCES[0]))
-            batched = clf(**tok(SENTENCES))
+            alone = clf(one["input_ids"], one["attention_mask"])
+            batched = clf(many["input_ids"], many["attention_mask"])
         assert alone.shape == (1, 11) and batched.shape == (3, 11)
         torch.testing.assert_close(alone[0], batched[0], atol=1e-5, rtol=1e-5)
 
@@ -237,3 +239,18 @@ def test_classifier_rejects(kwargs, match):
     encoder = BertEncoder(BertConfig(num_hidden_layers=1, vocab_size=10))
     with pytest.raises(ValueError, match=match):
         BertClassifier(encoder, **{"num_labels": 3, **kwargs})
+
+
+def test_classifier_traces_with_fx(minilm):
+    """unitscale.unit_scale rewrites models through torch.fx: the classifier must trace as is."""
+    encoder, tok = minilm
+    torch.manual_seed(0)
+    clf = BertClassifier(encoder, num_labels=11).eval()
+    graph = torch.fx.symbolic_trace(clf)
+    ops = {n.target for n in graph.graph.nodes if n.op == "call_function"}
+    assert F.scaled_dot_product_attention in ops and F.gelu in ops
+    batch = tok(SENTENCES)
+    with torch.no_grad():
+        expected = clf(batch["input_ids"], batch["attention_mask"])
+        got = graph(batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(got, expected)

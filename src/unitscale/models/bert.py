@@ -109,8 +109,8 @@ class BertSelfAttention(nn.Module):
         self.attn_dropout = config.attention_probs_dropout_prob
 
     def _heads(self, x: Tensor) -> Tensor:
-        b, s, _ = x.shape
-        return x.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        # (batch, seq, hidden) → (batch, heads, seq, head_dim); no shape unpacking, so torch.fx can trace it
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
         """``key_mask``: bool (batch, 1, 1, seq), True where a key may be attended to."""
@@ -194,12 +194,10 @@ class BertClassifier(nn.Module):
         nn.init.normal_(self.head.weight, std=encoder.config.initializer_range)
         nn.init.zeros_(self.head.bias)
 
-    def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
-    ) -> Tensor:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self.encoder(input_ids, attention_mask, token_type_ids)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(batch, seq) ids and 0/1 mask → (batch, num_labels) logits. Single segment; no optional
+        arguments, so ``torch.fx.symbolic_trace`` gives a graph that needs no concrete_args."""
+        hidden = self.encoder(input_ids, attention_mask)
         pooled = mean_pool(hidden, attention_mask) if self.pooling == "mean" else hidden[:, 0]
         return self.head(self.dropout(pooled))
 
