@@ -438,7 +438,7 @@ def range_counts(x: Tensor, fmt: str | Format) -> Tensor:
         raise ValueError(f"range statistics need a float format; {fmt.name!r} is an integer format")
     _check_float_input(x, "range_counts")
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    a = torch.nan_to_num(x.detach().abs().to(work).flatten(), nan=math.inf)
+    a = torch.nan_to_num(x.detach().abs().to(work).flatten(), nan=math.inf, posinf=math.inf)
     edges = torch.tensor(_range_boundaries(fmt, work), dtype=work, device=x.device)
     # right=True: bucket i holds edges[i-1] <= a < edges[i]
     return torch.bincount(torch.bucketize(a, edges, right=True), minlength=6)
