@@ -57,10 +57,10 @@ def _from_checkpoint(path: Path) -> tuple[Any, int, str]:
     """(model, vocab size, label) from a ``unitscale train`` checkpoint: {"model", "config", "vocab"}."""
     import torch
 
-    from unitscale.models import GPT, GPTConfig
-
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    from unitscale.models import GPT, GPTConfig
+
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -98,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
-    from unitscale import models
     from unitscale.analysis import track_scales
     from unitscale.formats import get_format
 
@@ -113,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         overrides = _overrides(args)
         overrides.setdefault("seq_len", args.seq_len)
+        from unitscale import models  # after the argument checks: building imports the whole model stack
+
         model = models.build(args.model, args.vocab_size, scaling=args.scaling, **overrides)
         vocab, label = args.vocab_size, f"{args.model} ({args.scaling} scaling, init)"
     seq_len = min(args.seq_len, getattr(getattr(model, "cfg", None), "seq_len", args.seq_len))
