@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--train-subset", type=int, default=None, help="train on a fixed random N articles (default: all)"
     )
     parser.add_argument("--pooling", default=d.pooling, choices=("mean", "cls"))
+    parser.add_argument("--device", default=d.device, help="torch device (default cpu)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each seed after this many steps")
     parser.add_argument("--out", default="runs/ft", help="output folder (default runs/ft)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         train_subset=args.train_subset,
         pooling=args.pooling,
+        device=args.device,
     )
     if config.scaling == "unit":
         from unitscale.train.finetune import require_unit_scale

@@ -47,6 +47,7 @@ class FinetuneConfig:
     dropout: float = 0.1
     eval_batch_size: int = 128
     log_every: int = 10
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.scaling not in SCALINGS:
@@ -96,7 +97,7 @@ def build_model(config: FinetuneConfig, seed: int) -> tuple[nn.Module, Any]:
     model: nn.Module = BertClassifier(encoder, len(TOPICS), pooling=config.pooling, dropout=config.dropout)
     if config.scaling == "unit":
         model = require_unit_scale()(model)
-    return precision.apply(model, recipe), recipe
+    return precision.apply(model.to(config.device), recipe), recipe
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -108,18 +109,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def _batches(data: TopicData, batch_size: int, order: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+def _batches(
+    data: TopicData, batch_size: int, order: Tensor, device: torch.device
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         mask = data.attention_mask[idx]
         width = int(mask.sum(1).max())  # trim columns that are padding in every row of this batch
-        yield data.input_ids[idx, :width], mask[:, :width], data.labels[idx]
+        yield data.input_ids[idx, :width].to(device), mask[:, :width].to(device), data.labels[idx].to(device)
 
 
-def _autocast(recipe: Any) -> contextlib.AbstractContextManager:
+def _autocast(recipe: Any, device: torch.device) -> contextlib.AbstractContextManager:
     if recipe.compute_dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=recipe.compute_dtype)
+    return torch.autocast(device.type, dtype=recipe.compute_dtype)
 
 
 @torch.no_grad()
@@ -127,9 +130,10 @@ def evaluate(model: nn.Module, data: TopicData, recipe: Any, batch_size: int = 1
     """Accuracy and mean cross-entropy of ``model`` on ``data`` (eval mode, no dropout)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct, loss_sum = 0, 0.0
-    for ids, mask, labels in _batches(data, batch_size, torch.arange(len(data))):
-        with _autocast(recipe):
+    for ids, mask, labels in _batches(data, batch_size, torch.arange(len(data)), device):
+        with _autocast(recipe, device):
             logits = model(ids, mask).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += int((logits.argmax(-1) == labels).sum())
@@ -151,6 +155,7 @@ def train_seed(
     each step with (step, total_steps, loss). A non-finite loss stops training (``diverged`` = True).
     """
     model, recipe = build_model(config, seed)
+    device = torch.device(config.device)
     train = data["train"].subset(config.train_subset)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total = max(1, round(config.epochs * steps_per_epoch))
@@ -163,12 +168,11 @@ def train_seed(
     gen = torch.Generator().manual_seed(seed)
     model.train()
     step, diverged, losses = 0, False, []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     while step < total and not diverged:
-        for ids, mask, labels in _batches(
-            train, config.batch_size, torch.randperm(len(train), generator=gen)
-        ):
-            with _autocast(recipe):
+        order = torch.randperm(len(train), generator=gen)
+        for ids, mask, labels in _batches(train, config.batch_size, order, device):
+            with _autocast(recipe, device):
                 logits = model(ids, mask)
             loss = F.cross_entropy(logits.float(), labels)
             if not torch.isfinite(loss):
@@ -200,11 +204,13 @@ def train_seed(
             if step >= total:
                 break
     train_s = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu_start  # CPU seconds of all threads: robust to a shared, busy machine
     result: dict[str, Any] = {
         "seed": seed,
         "steps": step,
         "train_examples": len(train),
         "train_s": train_s,
+        "train_cpu_s": cpu_s,
         "steps_per_s": step / train_s if train_s > 0 else float("nan"),
         "diverged": diverged,
         "first_loss": losses[0] if losses else float("nan"),
@@ -236,7 +242,13 @@ def summarise(config: FinetuneConfig, results: Sequence[dict[str, Any]]) -> dict
     }
     summary["seeds"] = [r["seed"] for r in results]
     summary["diverged"] = sum(bool(r["diverged"]) for r in results)
-    for key, factor in (("valid_acc", 100.0), ("test_acc", 100.0), ("final_loss", 1.0), ("train_s", 1.0)):
+    for key, factor in (
+        ("valid_acc", 100.0),
+        ("test_acc", 100.0),
+        ("final_loss", 1.0),
+        ("train_s", 1.0),
+        ("train_cpu_s", 1.0),
+    ):
         values = [r[key] * factor for r in results if r.get(key) is not None]
         if values:
             mean, std = mean_std(values)
