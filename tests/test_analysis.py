@@ -232,6 +232,7 @@ def test_transformer_encoder_names_and_default_backward():
 
 
 def test_bert_style_model():
+    pytest.importorskip("unitscale.functional", reason="unitscale.models needs unitscale.functional")
     from unitscale.models.bert import BertConfig, BertEncoder
 
     cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
