@@ -146,9 +146,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"need --samples >= 2 and --plot-samples >= 64, got {args.samples}, {args.plot_samples}"
         )
-    table = Table(
-        title=f"Quantisation SNR, x ~ N(0, σ²) with σ = {args.sigma:g}, {args.samples} samples, RNE"
-    )
+    table = Table(title="Quantisation SNR = E(x²) / E((x - Q(x))²)")
     for col in ("format", "SNR", "dB"):
         table.add_column(col, justify="left" if col == "format" else "right")
     results = {}
@@ -156,7 +154,11 @@ def run(args: argparse.Namespace) -> int:
         value = c.snr(args.sigma, args.samples)
         results[c.label] = {"snr": value, "db": _db(value)}
         table.add_row(c.label, f"{value:.3g}", f"{_db(value):.1f}")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # a pipe or file: do not wrap the title
+    console.print(f"x ~ N(0, σ²) with σ = {args.sigma:g}, {args.samples} samples; Q = RNE with clamping")
+    console.print(table)
     out: dict[str, object] = {"sigma": args.sigma, "samples": args.samples, "snr": results}
     if args.plot:
         out["curves"] = data = sweep(args.plot_samples)
