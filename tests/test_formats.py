@@ -396,7 +396,11 @@ def test_non_contiguous_and_grad_free():
     x = torch.randn(64, 32).t()
     assert same(quantise(x, "fp8_e4b"), quantise(x.contiguous(), "fp8_e4b"))
     w = torch.randn(5, requires_grad=True)
-    assert same(quantise(w, "fp8_e5b").detach(), torch_cast(w.detach(), torch.float8_e5m2).float())
+    for rounding in ("nearest", "stochastic"):  # every path is outside autograd
+        q = quantise(w, "fp8_e5b", rounding, saturate=False)
+        assert not q.requires_grad and q.grad_fn is None
+    assert same(quantise(w, "fp8_e5b"), torch_cast(w.detach(), torch.float8_e5m2).float())
+    assert not quantise_int(w, "int8", 0.1).requires_grad
 
 
 @pytest.mark.parametrize(
@@ -560,6 +564,7 @@ def test_absmax_scale():
     assert absmax_scale(x, "int4").item() == pytest.approx(0.5)
     assert absmax_scale(x, "fp8_e4b").item() == pytest.approx(3.5 / 448)
     assert absmax_scale(torch.zeros(3), "int8").item() == 1.0
+    assert absmax_scale(torch.zeros(0), "int8").item() == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -308,6 +308,7 @@ def _round_cast(x: Tensor, fmt: Format, saturate: bool) -> Tensor:
     return y.to(dtype).to(x.dtype)
 
 
+@torch.no_grad()
 def quantise(
     x: Tensor,
     fmt: str | Format,
@@ -330,7 +331,9 @@ def quantise(
     input alike. NaN stays NaN; -0 stays -0 except in the fnuz formats (fp8_e4a, fp8_e5a), which give +0.
 
     The result is cast back to x.dtype, which is exact unless x.dtype is narrower than the format (e.g.
-    fp16 input to bf16: bf16 values above 65504 overflow in the cast back).
+    fp16 input to bf16: bf16 values above 65504 overflow in the cast back). It is computed outside autograd
+    (rounding has no useful derivative): backends call it inside their autograd Function, and a
+    straight-through estimator is ``x + (quantise(x, fmt) - x).detach()``.
     """
     fmt = get_format(fmt)
     if not fmt.is_float:
@@ -355,6 +358,7 @@ def _check_scale(scale: float | Tensor) -> None:
         raise ValueError(f"scale must be a finite positive number (or a tensor), got {scale!r}")
 
 
+@torch.no_grad()
 def quantise_int(
     x: Tensor,
     fmt: str | Format,
@@ -366,6 +370,7 @@ def quantise_int(
 
     nearest rounds ties to even; stochastic rounds up with probability frac(x / scale) (unbiased inside
     the range). ±inf clamp to qmin/qmax; NaN stays NaN. ``scale`` broadcasts (per-tensor or finer).
+    Computed outside autograd, like :func:`quantise`.
     """
     fmt = get_format(fmt)
     if fmt.is_float:
@@ -394,6 +399,10 @@ def absmax_scale(x: Tensor, fmt: str | Format) -> Tensor:
     """Per-tensor scale s = max|x| / fmt.max (qmax for integers) mapping the largest |x| to the format's
     largest value; 1 for an all-zero tensor. A 0-dim tensor on x's device (no host sync)."""
     fmt = get_format(fmt)
+    if x.numel() == 0:
+        return torch.ones(
+            (), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device
+        )
     amax = x.detach().abs().amax().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     return torch.where(amax > 0, amax / fmt.max, torch.ones_like(amax))
 
@@ -413,16 +422,18 @@ def _smallest_above(value: float, dtype: torch.dtype) -> float:
     return t.item()
 
 
-@functools.cache
-def _range_boundaries(fmt: Format, dtype: torch.dtype) -> tuple[float, ...]:
+@functools.lru_cache(maxsize=64)
+def _range_boundaries(fmt: Format, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Bucket edges for range_counts, built once per (format, dtype, device); never mutated."""
     tiny = torch.nextafter(torch.tensor(0.0, dtype=dtype), torch.tensor(1.0, dtype=dtype)).item()
-    return (
+    edges = (
         tiny,  # below: exact zero
         _smallest_above(fmt.min_subnormal / 2, dtype),  # below: flushed to zero by RNE
         fmt.min_normal,  # below: subnormal range
         _smallest_above(fmt.max, dtype),  # below: normal range
         math.inf,  # below: finite overflow; at or above: inf / NaN
     )
+    return torch.tensor(edges, dtype=dtype, device=device)
 
 
 def range_counts(x: Tensor, fmt: str | Format) -> Tensor:
@@ -439,7 +450,7 @@ def range_counts(x: Tensor, fmt: str | Format) -> Tensor:
     _check_float_input(x, "range_counts")
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     a = torch.nan_to_num(x.detach().abs().to(work).flatten(), nan=math.inf, posinf=math.inf)
-    edges = torch.tensor(_range_boundaries(fmt, work), dtype=work, device=x.device)
+    edges = _range_boundaries(fmt, work, x.device)
     # right=True: bucket i holds edges[i-1] <= a < edges[i]
     return torch.bincount(torch.bucketize(a, edges, right=True), minlength=6)
 
