@@ -142,3 +142,22 @@ def test_smoke_finetune_learns():
     final = [r for r in records if r.get("event") == "final"]
     assert len(final) == 1 and final[0]["valid_acc"] == result["valid_acc"]
     json.dumps(records)  # every record is JSON-serialisable (it goes to the JSONL file)
+
+
+def test_cli_end_to_end_writes_outputs(tmp_path, capsys):
+    """Two steps on real topic data through `unitscale finetune`: JSONL, summary JSON/markdown, table."""
+    args = ["finetune", "--max-steps", "2", "--train-subset", "64", "--batch-size", "8", "--max-len", "32"]
+    assert main([*args, "--seeds", "3", "--out", str(tmp_path), "--no-progress"]) == 0
+    run_dir = tmp_path / "standard-fp32"
+    records = [json.loads(line) for line in (run_dir / "seed3.jsonl").read_text().splitlines()]
+    final = records[-1]
+    assert final["event"] == "final" and final["steps"] == 2 and final["train_examples"] == 64
+    assert 0.0 <= final["valid_acc"] <= 1.0 and 0.0 <= final["test_acc"] <= 1.0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["seeds"] == [3] and summary["config"]["max_len"] == 32
+    assert summary["test_acc"]["mean"] == pytest.approx(100 * final["test_acc"])
+    table = (tmp_path / "results.md").read_text()
+    assert (
+        table == (run_dir / "summary.md").read_text() and "| standard-fp32 | fp32 | standard | 3 |" in table
+    )
+    assert "standard-fp32" in capsys.readouterr().out

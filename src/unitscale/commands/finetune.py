@@ -26,7 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of the steps")
     parser.add_argument("--max-len", type=int, default=d.max_len, help=f"tokens per article ({d.max_len})")
     parser.add_argument(
-        "--train-subset", type=int, default=None, help="train on a fixed random N articles (default: all)"
+        "--train-subset",
+        type=int,
+        default=d.train_subset,
+        help=f"train on a fixed random N articles; 0 = all (default {d.train_subset})",
     )
     parser.add_argument("--pooling", default=d.pooling, choices=("mean", "cls"))
     parser.add_argument("--device", default=d.device, help="torch device (default cpu)")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         warmup=args.warmup,
         max_len=args.max_len,
-        train_subset=args.train_subset,
+        train_subset=args.train_subset or None,
         pooling=args.pooling,
         device=args.device,
     )

@@ -42,7 +42,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     warmup: float = 0.1
     max_len: int = 64
-    train_subset: int | None = None
+    train_subset: int | None = 6000
     pooling: str = "mean"
     dropout: float = 0.1
     eval_batch_size: int = 128
