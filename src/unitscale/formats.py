@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -455,23 +456,24 @@ def range_counts(x: Tensor, fmt: str | Format) -> Tensor:
     return torch.bincount(torch.bucketize(a, edges, right=True), minlength=6)
 
 
-def range_fractions(x: Tensor, fmt: str | Format) -> dict[str, float]:
-    """Fractions of the finite non-zero values of x that fall in each range of ``fmt`` under RNE.
+def fractions_from_counts(counts: Sequence[int]) -> dict[str, float]:
+    """Fractions of the finite non-zero values from a :func:`range_counts` vector (keys ``RANGE_KEYS``).
 
     ``underflow``: flushed to zero (0 < |x| ≤ min_subnormal/2); ``subnormal``: |x| < min_normal (includes
     ``underflow``); ``normal``: min_normal ≤ |x| ≤ max; ``overflow``: |x| > max (clamped by saturation).
-    ``counted`` is the number of finite non-zero values (fractions are 0 when it is 0). One host sync.
+    All 0 when there is no finite non-zero value.
     """
-    c = range_counts(x, fmt).tolist()
-    n = c[1] + c[2] + c[3] + c[4]
-    frac = (lambda k: k / n) if n else (lambda k: 0.0)
-    return {
-        "underflow": frac(c[1]),
-        "subnormal": frac(c[1] + c[2]),
-        "normal": frac(c[3]),
-        "overflow": frac(c[4]),
-        "counted": n,
-    }
+    _, under, sub, normal, over, _ = (int(c) for c in counts)
+    n = under + sub + normal + over
+    values = {"underflow": under, "subnormal": under + sub, "normal": normal, "overflow": over}
+    return {k: (values[k] / n if n else 0.0) for k in RANGE_KEYS}
+
+
+def range_fractions(x: Tensor, fmt: str | Format) -> dict[str, float]:
+    """:func:`fractions_from_counts` of x in ``fmt``, plus ``counted``: the number of finite non-zero
+    values. One host sync (use :func:`range_counts` to batch many tensors into one copy)."""
+    counts = range_counts(x, fmt).tolist()
+    return {**fractions_from_counts(counts), "counted": sum(counts[1:5])}
 
 
 # --------------------------------------------------------------------------------------------------------
