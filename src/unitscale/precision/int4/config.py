@@ -79,9 +79,7 @@ class Int4Config:
                 f"sample_ratio={self.sample_ratio!r} needs sampling='bernoulli' ('keep_nonzero' keeps all)"
             )
         if not isinstance(self.lsq_cold_start_steps, int) or self.lsq_cold_start_steps < 0:
-            raise ValueError(
-                f"lsq_cold_start_steps must be an int >= 0, got {self.lsq_cold_start_steps!r}"
-            )
+            raise ValueError(f"lsq_cold_start_steps must be an int >= 0, got {self.lsq_cold_start_steps!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
 

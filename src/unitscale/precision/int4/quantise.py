@@ -40,10 +40,12 @@ def lsq_init_scale(x: Tensor, qp: int) -> Tensor:
 def lsq_codes(x: Tensor, s: Tensor, qn: int, qp: int) -> tuple[Tensor, Tensor]:
     """(q, δ): integer codes round(clamp(x/s, −Q_N, Q_P)) (in x's dtype) and the LSQ residual δ(x/s).
 
-    δ doubles as the clip mask: |δ| ≤ ½ exactly inside the range, δ ∈ {−Q_N, Q_P} outside. NaN stays NaN.
+    δ doubles as the clip mask: |δ| ≤ ½ exactly inside the range, δ ∈ {−Q_N, Q_P} outside. Non-finite
+    inputs (NaN, ±inf) give NaN codes.
     """
     v = x / s
-    q = torch.round(torch.clamp(v, -qn, qp))
+    # + (v − v) turns ±inf into NaN: saturating an overflowed input would hide a divergence.
+    q = torch.round(torch.clamp(v, -qn, qp)) + (v - v)
     delta = torch.where(v < -qn, torch.full_like(v, -qn), torch.where(v > qp, torch.full_like(v, qp), q - v))
     return q, delta
 
@@ -113,9 +115,10 @@ def _grad_grid(grad: Tensor, levels: int) -> tuple[Tensor, Tensor]:
     amax = grad.abs().amax()
     # A non-finite gradient must not be hidden by the quantiser: NaN poisons every digit scale downstream.
     amax = torch.where(torch.isfinite(amax), amax, torch.full_like(amax, math.nan))
-    inv = torch.where(amax > 0, levels / amax, torch.zeros_like(amax))
-    inv = torch.where(torch.isnan(amax), amax, inv)
-    return grad * inv, amax
+    # (∇Y·T)/M, not ∇Y·(T/M): a true division keeps integer-valued t exact; the clamp guards |t| ≤ T against
+    # the last-ulp rounding of M·T/M so the digits can never leave their range.
+    t = grad * levels / torch.where(amax > 0, amax, torch.ones_like(amax))
+    return t.clamp(-levels, levels), amax
 
 
 def bit_split(
