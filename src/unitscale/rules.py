@@ -1,0 +1,272 @@
+"""Scale rules of the unit-scaling ops compendium (REFERENCE §2), each written once.
+
+Every rule is a small pure function of shapes and hyper-parameters returning the op's *ideal*
+(unconstrained) factors as an :class:`OpScales`: ``alpha`` multiplies the forward output, ``betas[name]``
+the gradient delivered to input ``name``, and ``constrained`` names the inputs that arrive over non-cut
+edges when the op sits inside a residual block (they must share one value with alpha; see
+:func:`unitscale.scale.resolve`). ``functional.py`` and the docs table (:func:`render_ops_markdown`) both
+read these functions, so a rule changes in one place only.
+
+Nonlinearity constants are derived, not typed in: for unit-Gaussian x and g(x) = f(mult·x)/mult,
+alpha = 1/std[g(x)] and beta = 1/rms[g'(x)] (the incoming gradient is zero-mean and unit), computed by
+Gauss-Legendre quadrature of the Gaussian integrals in float64, split at 0 where relu has its kink.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from unitscale.scale import Constraint, resolve
+
+WEIGHT_GRAD_EXPONENT = 0.5
+"""Default exponent e of the weight/bias gradient factor rows^-e (paper: ½; US-2023: ¾; TF demo: 1)."""
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
+
+
+@dataclass(frozen=True)
+class OpScales:
+    """Ideal factors of one scaled op: y = alpha·f(x), ∂x_i = betas[i]·f_grad(x)_i."""
+
+    alpha: float
+    betas: dict[str, float] = field(default_factory=dict)
+    constrained: tuple[str, ...] = ()
+    note: str = ""
+
+    def resolve(self, constraint: Constraint = "gmean") -> tuple[float, dict[str, float]]:
+        """The factors actually used under ``constraint`` (see :func:`unitscale.scale.resolve`)."""
+        return resolve(self.alpha, self.betas, self.constrained, constraint)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1 or value != int(value):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return float(value)
+
+
+def _check_exponent(weight_grad_exponent: float) -> float:
+    if not isinstance(weight_grad_exponent, (int, float)) or not 0 <= weight_grad_exponent <= 1:
+        raise ValueError(f"weight_grad_exponent must lie in [0, 1] (paper: 0.5), got {weight_grad_exponent!r}")
+    return float(weight_grad_exponent)
+
+
+# -- matmuls -------------------------------------------------------------------------------------------
+
+
+def matmul_rule(b: float, m: int, n: float) -> OpScales:
+    """A(b×m)·B(m×n), both activations: alpha = m^-½, beta_left = n^-½, beta_right = b^-½.
+
+    ``b`` and ``n`` are the number of terms summed into each element of ∂B and ∂A (with batch
+    broadcasting they include the broadcast batch size). Both inputs are constrained: gmean (b·m·n)^-⅙.
+    """
+    b, m, n = _positive("b", b), _positive_int("m", m), _positive("n", n)
+    return OpScales(m**-0.5, {"left": n**-0.5, "right": b**-0.5}, ("left", "right"),
+                    "both inputs activations (QKᵀ, PV)")
+
+
+def linear_rule(fan_in: int, fan_out: int, rows: float, *,
+                weight_grad_exponent: float = WEIGHT_GRAD_EXPONENT) -> OpScales:
+    """X(rows×fan_in)·Wᵀ + c: alpha = fan_in^-½, beta_input = fan_out^-½, beta_weight = beta_bias = rows^-e.
+
+    The input is constrained (gmean (fan_in·fan_out)^-¼); weight and bias are cut edges.
+    """
+    fan_in, fan_out = _positive_int("fan_in", fan_in), _positive_int("fan_out", fan_out)
+    rows, e = _positive("rows", rows), _check_exponent(weight_grad_exponent)
+    return OpScales(fan_in**-0.5, {"input": fan_out**-0.5, "weight": rows**-e, "bias": rows**-e}, ("input",),
+                    "weight and bias edges are cut")
+
+
+def readout_rule(fan_in: int, fan_out: int, rows: float, *,
+                 weight_grad_exponent: float = WEIGHT_GRAD_EXPONENT) -> OpScales:
+    """Linear after the last residual block: the linear rule with every edge cut (unconstrained)."""
+    r = linear_rule(fan_in, fan_out, rows, weight_grad_exponent=weight_grad_exponent)
+    return OpScales(r.alpha, r.betas, (), "all edges cut: unconstrained")
+
+
+def sum_rule(n: int) -> OpScales:
+    """Sum over n unit elements: alpha = n^-½, beta = 1 (constrained: gmean n^-¼)."""
+    return OpScales(_positive_int("n", n) ** -0.5, {"input": 1.0}, ("input",), "a mean is a sum followed by α")
+
+
+# -- nonlinearities ------------------------------------------------------------------------------------
+
+_QUAD_POINTS = 256
+_QUAD_HALF_WIDTH = 12.0  # φ(12) ≈ 5e-32: the tails beyond are far below float64 rounding
+
+
+@lru_cache(maxsize=1)
+def _gauss_nodes() -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights for E[h(x)], x ~ N(0,1): Gauss-Legendre on [-L, 0] and [0, L] times φ."""
+    t, w = np.polynomial.legendre.leggauss(_QUAD_POINTS)
+    half = _QUAD_HALF_WIDTH / 2
+    x = np.concatenate([half * (t - 1), half * (t + 1)])  # [-L, 0] then [0, L]
+    weights = np.concatenate([w, w]) * half * np.exp(-0.5 * x**2) / math.sqrt(2 * math.pi)
+    return x, weights
+
+
+def _torch_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "relu": torch.relu,
+        "gelu": lambda x: torch.nn.functional.gelu(x, approximate="none"),
+        "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+        "silu": torch.nn.functional.silu,
+        "tanh": torch.tanh,
+        "sigmoid": torch.sigmoid,
+    }
+    if name not in fns:
+        raise ValueError(f"unknown activation {name!r}; accepted: {', '.join(ACTIVATIONS)}")
+    return fns[name]
+
+
+@lru_cache(maxsize=256)
+def activation_constants(name: str, mult: float = 1.0) -> tuple[float, float]:
+    """(alpha, beta) of g(x) = f(mult·x)/mult for x ~ N(0, 1), by Gaussian quadrature in float64.
+
+    alpha = 1/std[g(x)],  beta = 1/√E[g'(x)²] = 1/√E[f'(mult·x)²].
+    f and f' come from torch's own float64 ops and autograd (no hand-written derivative).
+    """
+    f = _torch_activation(name)
+    mult = _positive("mult", mult)
+    nodes, weights = _gauss_nodes()
+    x = torch.tensor(nodes * mult, dtype=torch.float64, requires_grad=True)
+    y = f(x)
+    (dy,) = torch.autograd.grad(y.sum(), x)
+    w = torch.tensor(weights, dtype=torch.float64)
+    g = y.detach() / mult
+    mean = (w * g).sum()
+    var = (w * g * g).sum() - mean**2
+    grad_ms = (w * dy * dy).sum()
+    return float(var.rsqrt()), float(grad_ms.rsqrt())
+
+
+def activation_rule(name: str, mult: float = 1.0) -> OpScales:
+    """Elementwise f(mult·x)/mult: alpha = 1/std, beta = 1/rms of the derivative (derived numerically).
+
+    Input constrained (gmean √(alpha·beta)). relu: 1.713/1.414; gelu 1.701/1.481; silu 1.787/1.623;
+    tanh 1.593/1.467; sigmoid 4.801/4.723 at mult = 1 (alpha normalises σ, not the mean).
+    """
+    alpha, beta = activation_constants(name, float(mult))
+    note = "alpha normalises σ, not the mean (scaled output mean ≈ 2.4)" if name == "sigmoid" else ""
+    return OpScales(alpha, {"input": beta}, ("input",), note)
+
+
+def softmax_rule(s: int, mult: float = 1.0) -> OpScales:
+    """softmax(mult·x) over width s, x ~ N(0,1), large-s (log-normal) limit:
+
+    std[y] = √(e^{mult²} − 1)/s  →  alpha = s/√(e^{mult²}−1)   (s/1.311 at mult = 1)
+    std[∂x] = mult·e^{mult²/2}/s →  beta = s/(mult·e^{mult²/2})  (s/1.649 at mult = 1)
+    Input constrained: gmean ≈ s/1.47.
+    """
+    s, mult = _positive_int("s", s), _positive("mult", mult)
+    alpha = s / math.sqrt(math.expm1(mult * mult))
+    beta = s / (mult * math.exp(mult * mult / 2))
+    return OpScales(alpha, {"input": beta}, ("input",), "exact large-s values of the log-normal model")
+
+
+def cross_entropy_rule(num_classes: int) -> OpScales:
+    """Fused softmax + cross-entropy over V classes: alpha = 1 (the output is the loss),
+    beta_logits = V/√(V−1) per row (uniform softmax at init), never divided by the number of rows. Cut."""
+    v = _positive_int("num_classes", num_classes)
+    if v < 2:
+        raise ValueError(f"cross-entropy needs at least 2 classes, got num_classes={v}")
+    return OpScales(1.0, {"input": v / math.sqrt(v - 1)}, (), "mean over rows: divide only the reported loss")
+
+
+# -- norms, embedding ----------------------------------------------------------------------------------
+
+
+def layer_norm_rule(rows: float, *, weight_grad_exponent: float = WEIGHT_GRAD_EXPONENT) -> OpScales:
+    """layer_norm(X; w, c) over ``rows`` rows: alpha = 1, beta_input = 1, beta_weight = beta_bias = rows^-e.
+
+    w, c are cut edges (w = 1, c = 0 at init)."""
+    rows, e = _positive("rows", rows), _check_exponent(weight_grad_exponent)
+    return OpScales(1.0, {"input": 1.0, "weight": rows**-e, "bias": rows**-e}, ("input",), "w, c cut")
+
+
+def rms_norm_rule(rows: float, *, weight_grad_exponent: float = WEIGHT_GRAD_EXPONENT) -> OpScales:
+    """rms_norm(X; w): alpha = 1, beta_input = 1, beta_weight = rows^-e (w cut)."""
+    rows, e = _positive("rows", rows), _check_exponent(weight_grad_exponent)
+    return OpScales(1.0, {"input": 1.0, "weight": rows**-e}, ("input",), "w cut")
+
+
+def embedding_rule(num_embeddings: int, rows: float) -> OpScales:
+    """Lookup in a V×d table ~ N(0,1) for ``rows`` tokens: alpha = 1, beta_weight = (V/rows)^½ (cut).
+
+    Each table row receives ≈ rows/V token gradients, a sum of unit terms."""
+    v, rows = _positive_int("num_embeddings", num_embeddings), _positive("rows", rows)
+    return OpScales(1.0, {"weight": math.sqrt(v / rows)}, (), "table edge cut")
+
+
+# -- adds, residuals, dropout, attention ---------------------------------------------------------------
+
+
+def add_rule(left_broadcast: float = 1.0, right_broadcast: float = 1.0) -> OpScales:
+    """x + y: alpha = 2^-½, beta_i = (broadcast factor_i)^-½ (a broadcast input's gradient sums that many
+    unit terms). Both constrained: gmean 2^-⅙ for equal shapes. Prefer :func:`weighted_add_rule`."""
+    lb, rb = _positive("left_broadcast", left_broadcast), _positive("right_broadcast", right_broadcast)
+    return OpScales(2**-0.5, {"left": lb**-0.5, "right": rb**-0.5}, ("left", "right"),
+                    "recipe step 4 replaces it by a weighted add")
+
+
+def weighted_add_rule(left_weight: float, right_weight: float) -> OpScales:
+    """a·x + c·y with a² + c² = 1: weight a on x and c on y in both passes (the true gradient).
+
+    alpha here is 1: the weights are part of f; betas = (a, c) are what each input's gradient gets."""
+    a, c = _positive("left_weight", left_weight), _positive("right_weight", right_weight)
+    if not math.isclose(a * a + c * c, 1.0, rel_tol=1e-6):
+        raise ValueError(f"weighted add needs left_weight² + right_weight² = 1, got {a!r}² + {c!r}² = {a*a + c*c!r}")
+    return OpScales(1.0, {"left": a, "right": c}, (), "α = β per input by construction")
+
+
+def check_tau(tau: float, *, allow_one: bool = False) -> float:
+    """τ in (0, 1) (fixed rule) or (0, 1] (running mean, where τ_0 = 1); ValueError naming the value."""
+    ok = isinstance(tau, (int, float)) and not isinstance(tau, bool) and (0 < tau <= 1 if allow_one else 0 < tau < 1)
+    if not ok:
+        interval = "(0, 1]" if allow_one else "(0, 1)"
+        raise ValueError(f"residual tau must lie in {interval}, got tau={tau!r}")
+    return float(tau)
+
+
+def residual_rule(tau: float) -> OpScales:
+    """Residual x_{l+1} = √(1−τ)·skip + √τ·branch (add), with the split scaling the skip gradient by √(1−τ)
+    and the branch-input gradient by √τ ("delayed" branch scale: tensors inside the branch stay unit)."""
+    tau = check_tau(tau, allow_one=True)
+    return OpScales(1.0, {"skip": math.sqrt(1 - tau), "branch": math.sqrt(tau)}, (), "α = β per path")
+
+
+def tau_from_ratio(ratio: float) -> float:
+    """u-μP ratio form (branch × τ'/√(1+τ'²), skip × 1/√(1+τ'²)) as the paper's τ = τ'²/(1+τ'²).
+
+    A larger ratio favours the branch (τ' = 1 ↔ τ = 0.5; τ' ≈ 0.1 ↔ τ ≈ 0.01)."""
+    r = _positive("ratio", ratio)
+    return r * r / (1 + r * r)
+
+
+def dropout_rule(p: float) -> OpScales:
+    """Dropout (keep 1−p, rescale 1/(1−p)): alpha = beta = √(1−p), cancelling the rescale's variance."""
+    if not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"dropout probability must lie in [0, 1), got p={p!r}")
+    return OpScales(math.sqrt(1 - p), {"input": math.sqrt(1 - p)}, ("input",), "already equal")
+
+
+def attention_rule(s: int, dropout_p: float = 0.0) -> OpScales:
+    """softmax(QKᵀ/√d)·V with key length s (US-2023): the plain output has σ ≈ √(e/s) (near-uniform
+    log-normal attention), so output and q/k/v gradients all take √(s/e·(1−p)). Equal by construction."""
+    s = _positive_int("s", s)
+    if not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must lie in [0, 1), got dropout_p={dropout_p!r}")
+    f = math.sqrt(s / math.e * (1 - dropout_p))
+    return OpScales(f, {"query": f, "key": f, "value": f}, ("query", "key", "value"),
+                    "pair with a small attention τ (0.01)")
