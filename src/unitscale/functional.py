@@ -22,9 +22,26 @@ from unitscale.precision.backend import EXACT
 from unitscale.scale import Constraint, check_constraint, scaled
 
 __all__ = [
-    "add", "cross_entropy", "dropout", "embedding", "gelu", "layer_norm", "linear", "linear_readout", "matmul",
-    "relu", "residual_add", "residual_split", "residual_tau", "rms_norm", "scaled_dot_product_attention",
-    "sigmoid", "silu", "softmax", "tanh", "weighted_add",
+    "add",
+    "cross_entropy",
+    "dropout",
+    "embedding",
+    "gelu",
+    "layer_norm",
+    "linear",
+    "linear_readout",
+    "matmul",
+    "relu",
+    "residual_add",
+    "residual_split",
+    "residual_tau",
+    "rms_norm",
+    "scaled_dot_product_attention",
+    "sigmoid",
+    "silu",
+    "softmax",
+    "tanh",
+    "weighted_add",
 ]
 
 
@@ -48,12 +65,16 @@ def matmul(left: Tensor, right: Tensor, *, constraint: Constraint = "gmean", pre
     """
     check_constraint(constraint)
     if left.dim() < 2 or right.dim() < 2 or left.shape[-1] != right.shape[-2]:
-        raise ValueError(f"matmul: shapes {tuple(left.shape)} and {tuple(right.shape)} cannot be multiplied "
-                         "(need (..., b, m) @ (..., m, n))")
+        raise ValueError(
+            f"matmul: shapes {tuple(left.shape)} and {tuple(right.shape)} cannot be multiplied "
+            "(need (..., b, m) @ (..., m, n))"
+        )
     try:
         batch = torch.broadcast_shapes(left.shape[:-2], right.shape[:-2])
     except RuntimeError as err:
-        raise ValueError(f"matmul: batch dims of {tuple(left.shape)} and {tuple(right.shape)} do not broadcast") from err
+        raise ValueError(
+            f"matmul: batch dims of {tuple(left.shape)} and {tuple(right.shape)} do not broadcast"
+        ) from err
     nbatch = math.prod(batch)
     b = left.shape[-2] * nbatch / math.prod(right.shape[:-2])
     n = right.shape[-1] * nbatch / math.prod(left.shape[:-2])
@@ -61,8 +82,15 @@ def matmul(left: Tensor, right: Tensor, *, constraint: Constraint = "gmean", pre
     return (precision or EXACT).matmul(left, right, alpha=alpha, beta_a=betas["left"], beta_b=betas["right"])
 
 
-def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, constraint: Constraint = "gmean",
-           grad_rows: float | None = None, precision: Any = None) -> Tensor:
+def linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    constraint: Constraint = "gmean",
+    grad_rows: float | None = None,
+    precision: Any = None,
+) -> Tensor:
     """Scaled x Wᵀ + c, weight (out, in) as in torch.
 
     alpha = in^-½, beta_input = out^-½, beta_weight = beta_bias = b^-½ with b = numel(input)/in or
@@ -72,8 +100,14 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, constra
     return _linear(input, weight, bias, rules.linear_rule, constraint, grad_rows, precision)
 
 
-def linear_readout(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, grad_rows: float | None = None,
-                   precision: Any = None) -> Tensor:
+def linear_readout(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    grad_rows: float | None = None,
+    precision: Any = None,
+) -> Tensor:
     """Linear after the last residual block (all edges cut): alpha = in^-½, beta_input = out^-½,
     beta_weight = beta_bias = b^-½, unconstrained."""
     return _linear(input, weight, bias, rules.readout_rule, None, grad_rows, precision)
@@ -81,21 +115,27 @@ def linear_readout(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
 
 def _linear(input, weight, bias, rule, constraint, grad_rows, precision) -> Tensor:
     if weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"linear: input feature size {input.shape[-1]} does not match weight shape "
-                         f"{tuple(weight.shape)} (expected (out, in))")
+        raise ValueError(
+            f"linear: input feature size {input.shape[-1]} does not match weight shape "
+            f"{tuple(weight.shape)} (expected (out, in))"
+        )
     if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"linear: bias shape {tuple(bias.shape)} does not match out_features={weight.shape[0]}")
+        raise ValueError(
+            f"linear: bias shape {tuple(bias.shape)} does not match out_features={weight.shape[0]}"
+        )
     out_f, in_f = weight.shape
     alpha, betas = rule(in_f, out_f, _rows(input, in_f, grad_rows)).resolve(constraint)
-    return (precision or EXACT).linear(input, weight, bias, alpha=alpha, beta_x=betas["input"],
-                                       beta_w=betas["weight"], beta_b=betas["bias"])
+    return (precision or EXACT).linear(
+        input, weight, bias, alpha=alpha, beta_x=betas["input"], beta_w=betas["weight"], beta_b=betas["bias"]
+    )
 
 
 # -- embedding and norms -------------------------------------------------------------------------------
 
 
-def embedding(input: Tensor, weight: Tensor, *, grad_rows: float | None = None,
-              padding_idx: int | None = None) -> Tensor:
+def embedding(
+    input: Tensor, weight: Tensor, *, grad_rows: float | None = None, padding_idx: int | None = None
+) -> Tensor:
     """Table lookup: alpha = 1 (table ~ N(0,1)), beta_weight = (V/b)^½ with b = numel(input) or
     ``grad_rows`` (cut edge). ``padding_idx`` rows receive no gradient, as in torch."""
     if weight.dim() != 2:
@@ -106,13 +146,22 @@ def embedding(input: Tensor, weight: Tensor, *, grad_rows: float | None = None,
 
 def _normalized(input: Tensor, normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if len(shape) == 0 or tuple(input.shape[input.dim() - len(shape):]) != shape:
-        raise ValueError(f"normalized_shape {shape} does not match the trailing dims of input {tuple(input.shape)}")
+    if len(shape) == 0 or tuple(input.shape[input.dim() - len(shape) :]) != shape:
+        raise ValueError(
+            f"normalized_shape {shape} does not match the trailing dims of input {tuple(input.shape)}"
+        )
     return shape
 
 
-def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
-               bias: Tensor | None = None, eps: float = 1e-5, *, grad_rows: float | None = None) -> Tensor:
+def layer_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    grad_rows: float | None = None,
+) -> Tensor:
     """LayerNorm: alpha = 1, beta_input = 1, beta_weight = beta_bias = b^-½ (b rows; w, c cut)."""
     shape = _normalized(input, normalized_shape)
     r = rules.layer_norm_rule(_rows(input, math.prod(shape), grad_rows))
@@ -121,8 +170,14 @@ def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Ten
     return F.layer_norm(input, shape, w, c, eps)
 
 
-def rms_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
-             eps: float | None = None, *, grad_rows: float | None = None) -> Tensor:
+def rms_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    grad_rows: float | None = None,
+) -> Tensor:
     """RMSNorm: alpha = 1, beta_input = 1, beta_weight = b^-½ (b rows; w cut)."""
     shape = _normalized(input, normalized_shape)
     r = rules.rms_norm_rule(_rows(input, math.prod(shape), grad_rows))
@@ -147,7 +202,9 @@ def relu(input: Tensor, *, constraint: Constraint = "gmean", mult: float = 1.0) 
     return _elementwise(input, _with_mult(torch.relu, mult), rules.activation_rule("relu", mult), constraint)
 
 
-def gelu(input: Tensor, *, constraint: Constraint = "gmean", mult: float = 1.0, approximate: str = "none") -> Tensor:
+def gelu(
+    input: Tensor, *, constraint: Constraint = "gmean", mult: float = 1.0, approximate: str = "none"
+) -> Tensor:
     """gelu(mult·x)/mult: alpha = 1.701, beta = 1.481 (derived; tanh form equal to 3 decimals);
     constrained (gmean 1.587)."""
     if approximate not in ("none", "tanh"):
@@ -170,7 +227,9 @@ def tanh(input: Tensor, *, constraint: Constraint = "gmean", mult: float = 1.0) 
 def sigmoid(input: Tensor, *, constraint: Constraint = "gmean", mult: float = 1.0) -> Tensor:
     """sigmoid(mult·x)/mult: alpha = 4.801, beta = 4.723 (derived); constrained (gmean 4.762).
     alpha normalises σ, not the mean: the scaled output has mean ≈ 2.4."""
-    return _elementwise(input, _with_mult(torch.sigmoid, mult), rules.activation_rule("sigmoid", mult), constraint)
+    return _elementwise(
+        input, _with_mult(torch.sigmoid, mult), rules.activation_rule("sigmoid", mult), constraint
+    )
 
 
 def softmax(input: Tensor, dim: int = -1, *, constraint: Constraint = "gmean", mult: float = 1.0) -> Tensor:
@@ -213,8 +272,14 @@ class _CrossEntropy(torch.autograd.Function):
         return (g * scale[:, None]).reshape(ctx.shape).to(ctx.dtype), None, None, None, None, None
 
 
-def cross_entropy(input: Tensor, target: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-                  grad_rows: float | None = None) -> Tensor:
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    grad_rows: float | None = None,
+) -> Tensor:
     """Fused log-softmax + NLL over the last dim of N-D logits (target: the leading dims).
 
     Forward: the ordinary cross-entropy (alpha = 1); ``"mean"`` divides by the number of non-ignored rows
@@ -224,8 +289,10 @@ def cross_entropy(input: Tensor, target: Tensor, *, ignore_index: int = -100, re
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; accepted: 'mean', 'sum', 'none'")
     if input.dim() < 1 or tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"cross_entropy: target shape {tuple(target.shape)} must equal the logits' leading "
-                         f"dims {tuple(input.shape[:-1])} (logits {tuple(input.shape)})")
+        raise ValueError(
+            f"cross_entropy: target shape {tuple(target.shape)} must equal the logits' leading "
+            f"dims {tuple(input.shape[:-1])} (logits {tuple(input.shape)})"
+        )
     if target.dtype.is_floating_point:
         raise ValueError(f"cross_entropy: target must hold class indices (integer dtype), got {target.dtype}")
     divisor = None if grad_rows is None else _rows(input, 1, grad_rows)
@@ -252,7 +319,9 @@ def add(left: Tensor, right: Tensor, *, constraint: Constraint = "gmean") -> Ten
     try:
         out = math.prod(torch.broadcast_shapes(left.shape, right.shape))
     except RuntimeError as err:
-        raise ValueError(f"add: shapes {tuple(left.shape)} and {tuple(right.shape)} do not broadcast") from err
+        raise ValueError(
+            f"add: shapes {tuple(left.shape)} and {tuple(right.shape)} do not broadcast"
+        ) from err
     rule = rules.add_rule(out / max(left.numel(), 1), out / max(right.numel(), 1))
     alpha, betas = rule.resolve(constraint)
     return scaled(scaled(left, 1.0, betas["left"]) + scaled(right, 1.0, betas["right"]), alpha, 1.0)
@@ -264,7 +333,9 @@ def weighted_add(left: Tensor, right: Tensor, left_weight: float, right_weight: 
     try:
         torch.broadcast_shapes(left.shape, right.shape)
     except RuntimeError as err:
-        raise ValueError(f"weighted_add: shapes {tuple(left.shape)} and {tuple(right.shape)} do not broadcast") from err
+        raise ValueError(
+            f"weighted_add: shapes {tuple(left.shape)} and {tuple(right.shape)} do not broadcast"
+        ) from err
     return torch.add(left * left_weight, right, alpha=right_weight)
 
 
@@ -307,7 +378,9 @@ def residual_add(skip: Tensor, branch: Tensor, tau: float = 0.5) -> Tensor:
     """√(1−τ)·skip + √τ·branch going forward; both gradients pass unscaled (the split applied them)."""
     r = rules.residual_rule(tau)
     if skip.shape != branch.shape:
-        raise ValueError(f"residual_add: skip shape {tuple(skip.shape)} != branch shape {tuple(branch.shape)}")
+        raise ValueError(
+            f"residual_add: skip shape {tuple(skip.shape)} != branch shape {tuple(branch.shape)}"
+        )
     if tau == 1:
         return branch
     return _ResidualAdd.apply(skip, branch, r.betas["skip"], r.betas["branch"])
@@ -339,9 +412,17 @@ def residual_tau(index: int, rule: str = "fixed", tau: float = 0.5, offset: int 
 # -- attention -----------------------------------------------------------------------------------------
 
 
-def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
-                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, *,
-                                 precision: Any = None) -> Tensor:
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    *,
+    precision: Any = None,
+) -> Tensor:
     """softmax(q kᵀ·scale + mask)·v with scale = 1/√d by default (US-2023 rule).
 
     Output and q/k/v gradients are scaled by √(s/e·(1−p)), s = key length (equal by construction):
@@ -350,12 +431,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     Without a backend torch's fused kernel runs; with one, QKᵀ and PV go through ``precision.matmul``.
     """
     if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2] or query.dim() < 2:
-        raise ValueError(f"attention: incompatible query {tuple(query.shape)}, key {tuple(key.shape)}, "
-                         f"value {tuple(value.shape)} (need (..., L, d), (..., s, d), (..., s, d_v))")
+        raise ValueError(
+            f"attention: incompatible query {tuple(query.shape)}, key {tuple(key.shape)}, "
+            f"value {tuple(value.shape)} (need (..., L, d), (..., s, d), (..., s, d_v))"
+        )
     f = rules.attention_rule(key.shape[-2], dropout_p).alpha
     if precision is None:
         q, k, v = (scaled(t, 1.0, f) for t in (query, key, value))
-        return scaled(F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale), f, 1.0)
+        return scaled(
+            F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale), f, 1.0
+        )
     scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
     # A backend's beta replaces the chain-rule alpha, so the logit scale goes into the betas as well.
     logits = precision.matmul(query, key.transpose(-1, -2), alpha=scale, beta_a=f * scale, beta_b=f * scale)
@@ -364,7 +449,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         keep = torch.ones(s_q, s_k, dtype=torch.bool, device=query.device).tril(s_k - s_q)
         logits = logits.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
-        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+        logits = (
+            logits.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else logits + attn_mask
+        )
     probs = torch.softmax(logits.float(), dim=-1).to(value.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)

@@ -51,14 +51,21 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
     return float(value)
 
 
 def _check_exponent(weight_grad_exponent: float) -> float:
     if not isinstance(weight_grad_exponent, (int, float)) or not 0 <= weight_grad_exponent <= 1:
-        raise ValueError(f"weight_grad_exponent must lie in [0, 1] (paper: 0.5), got {weight_grad_exponent!r}")
+        raise ValueError(
+            f"weight_grad_exponent must lie in [0, 1] (paper: 0.5), got {weight_grad_exponent!r}"
+        )
     return float(weight_grad_exponent)
 
 
@@ -72,24 +79,31 @@ def matmul_rule(b: float, m: int, n: float) -> OpScales:
     broadcasting they include the broadcast batch size). Both inputs are constrained: gmean (b·m·n)^-⅙.
     """
     b, m, n = _positive("b", b), _positive_int("m", m), _positive("n", n)
-    return OpScales(m**-0.5, {"left": n**-0.5, "right": b**-0.5}, ("left", "right"),
-                    "both inputs activations (QKᵀ, PV)")
+    return OpScales(
+        m**-0.5, {"left": n**-0.5, "right": b**-0.5}, ("left", "right"), "both inputs activations (QKᵀ, PV)"
+    )
 
 
-def linear_rule(fan_in: int, fan_out: int, rows: float, *,
-                weight_grad_exponent: float = WEIGHT_GRAD_EXPONENT) -> OpScales:
+def linear_rule(
+    fan_in: int, fan_out: int, rows: float, *, weight_grad_exponent: float = WEIGHT_GRAD_EXPONENT
+) -> OpScales:
     """X(rows×fan_in)·Wᵀ + c: alpha = fan_in^-½, beta_input = fan_out^-½, beta_weight = beta_bias = rows^-e.
 
     The input is constrained (gmean (fan_in·fan_out)^-¼); weight and bias are cut edges.
     """
     fan_in, fan_out = _positive_int("fan_in", fan_in), _positive_int("fan_out", fan_out)
     rows, e = _positive("rows", rows), _check_exponent(weight_grad_exponent)
-    return OpScales(fan_in**-0.5, {"input": fan_out**-0.5, "weight": rows**-e, "bias": rows**-e}, ("input",),
-                    "weight and bias edges are cut")
+    return OpScales(
+        fan_in**-0.5,
+        {"input": fan_out**-0.5, "weight": rows**-e, "bias": rows**-e},
+        ("input",),
+        "weight and bias edges are cut",
+    )
 
 
-def readout_rule(fan_in: int, fan_out: int, rows: float, *,
-                 weight_grad_exponent: float = WEIGHT_GRAD_EXPONENT) -> OpScales:
+def readout_rule(
+    fan_in: int, fan_out: int, rows: float, *, weight_grad_exponent: float = WEIGHT_GRAD_EXPONENT
+) -> OpScales:
     """Linear after the last residual block: the linear rule with every edge cut (unconstrained)."""
     r = linear_rule(fan_in, fan_out, rows, weight_grad_exponent=weight_grad_exponent)
     return OpScales(r.alpha, r.betas, (), "all edges cut: unconstrained")
@@ -97,7 +111,9 @@ def readout_rule(fan_in: int, fan_out: int, rows: float, *,
 
 def sum_rule(n: int) -> OpScales:
     """Sum over n unit elements: alpha = n^-½, beta = 1 (constrained: gmean n^-¼)."""
-    return OpScales(_positive_int("n", n) ** -0.5, {"input": 1.0}, ("input",), "a mean is a sum followed by α")
+    return OpScales(
+        _positive_int("n", n) ** -0.5, {"input": 1.0}, ("input",), "a mean is a sum followed by α"
+    )
 
 
 # -- nonlinearities ------------------------------------------------------------------------------------
@@ -216,8 +232,12 @@ def add_rule(left_broadcast: float = 1.0, right_broadcast: float = 1.0) -> OpSca
     """x + y: alpha = 2^-½, beta_i = (broadcast factor_i)^-½ (a broadcast input's gradient sums that many
     unit terms). Both constrained: gmean 2^-⅙ for equal shapes. Prefer :func:`weighted_add_rule`."""
     lb, rb = _positive("left_broadcast", left_broadcast), _positive("right_broadcast", right_broadcast)
-    return OpScales(2**-0.5, {"left": lb**-0.5, "right": rb**-0.5}, ("left", "right"),
-                    "recipe step 4 replaces it by a weighted add")
+    return OpScales(
+        2**-0.5,
+        {"left": lb**-0.5, "right": rb**-0.5},
+        ("left", "right"),
+        "recipe step 4 replaces it by a weighted add",
+    )
 
 
 def weighted_add_rule(left_weight: float, right_weight: float) -> OpScales:
@@ -226,13 +246,19 @@ def weighted_add_rule(left_weight: float, right_weight: float) -> OpScales:
     alpha here is 1: the weights are part of f; betas = (a, c) are what each input's gradient gets."""
     a, c = _positive("left_weight", left_weight), _positive("right_weight", right_weight)
     if not math.isclose(a * a + c * c, 1.0, rel_tol=1e-6):
-        raise ValueError(f"weighted add needs left_weight² + right_weight² = 1, got {a!r}² + {c!r}² = {a*a + c*c!r}")
+        raise ValueError(
+            f"weighted add needs left_weight² + right_weight² = 1, got {a!r}² + {c!r}² = {a * a + c * c!r}"
+        )
     return OpScales(1.0, {"left": a, "right": c}, (), "α = β per input by construction")
 
 
 def check_tau(tau: float, *, allow_one: bool = False) -> float:
     """τ in (0, 1) (fixed rule) or (0, 1] (running mean, where τ_0 = 1); ValueError naming the value."""
-    ok = isinstance(tau, (int, float)) and not isinstance(tau, bool) and (0 < tau <= 1 if allow_one else 0 < tau < 1)
+    ok = (
+        isinstance(tau, (int, float))
+        and not isinstance(tau, bool)
+        and (0 < tau <= 1 if allow_one else 0 < tau < 1)
+    )
     if not ok:
         interval = "(0, 1]" if allow_one else "(0, 1)"
         raise ValueError(f"residual tau must lie in {interval}, got tau={tau!r}")
@@ -268,5 +294,9 @@ def attention_rule(s: int, dropout_p: float = 0.0) -> OpScales:
     if not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must lie in [0, 1), got dropout_p={dropout_p!r}")
     f = math.sqrt(s / math.e * (1 - dropout_p))
-    return OpScales(f, {"query": f, "key": f, "value": f}, ("query", "key", "value"),
-                    "pair with a small attention τ (0.01)")
+    return OpScales(
+        f,
+        {"query": f, "key": f, "value": f},
+        ("query", "key", "value"),
+        "pair with a small attention τ (0.01)",
+    )
