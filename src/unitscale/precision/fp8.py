@@ -1,0 +1,369 @@
+"""The real FP8 backend: every linear as three ``torch._scaled_mm`` GEMMs with static power-of-two scales.
+
+For y = α·x Wᵀ + c with x [M, K], W [N, K] and static dequantisation scales s_x, s_w, s_g (powers of two;
+1 for unit-scaled tensors), each tensor is cast once, q(t) = fp8(clamp(t / s, ±max)), into both layouts
+(REFERENCE §7.3) and
+
+    forward  y  = (α·s_x)·s_w · q(x) q(W)ᵀ + c          E4M3 × E4M3, fast accumulation
+    dgrad    ∂x = (β_x·s_g)·s_w · q(∂y) q(W)             E5M2 × E4M3, FP32 accumulation
+    wgrad    ∂W = (β_w·s_g)·s_x · q(∂y)ᵀ q(x)            E5M2 × E4M3, FP32 accumulation
+    bias     ∂c = β_c · Σ_rows ∂y                         (unquantised, as in every backend)
+
+α and β fold into ``scale_a`` / ``scale_b``, so unit scaling costs no extra kernel. Only FP8 copies are
+saved for backward: q(x)ᵀ (the wgrad operand, the one activation copy kept) and q(W)ᵀ (the dgrad operand).
+With q = the simulate backend's RNE + saturation, outputs equal ``Simulate(fp8_e4b, fp8_e4b, fp8_e5b)``
+up to accumulation order (and the forward's fast accumulation on Hopper).
+
+Weights are the one exception to static scales: ``weight_scale="pow2_rms"`` recomputes, on the device on
+every call, s_w = 2^round(log2 rms(W)) (weights drift from σ = 1 under Adam); the default ``"static"``
+keeps s_w fixed. In eager mode a weight's FP8 copies are cached until its version counter changes (one cast
+per optimizer step, however often the weight is used). A per-call shape rule (:class:`Dispatch`) sends
+small GEMMs to the compute dtype, where FP8 is measured slower. Batched matmuls (attention) run in the
+compute dtype: ``_scaled_mm`` is 2-D only.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from unitscale.formats import get_format
+from unitscale.precision.backend import Exact
+
+WeightScale = Literal["static", "pow2_rms"]
+WEIGHT_SCALES: tuple[str, ...] = ("static", "pow2_rms")
+# Hopper tensor cores run the OCP formats only.
+FP8_FORMATS: dict[str, torch.dtype] = {"fp8_e4b": torch.float8_e4m3fn, "fp8_e5b": torch.float8_e5m2}
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GEMM_ALIGN = 16  # _scaled_mm on Hopper: every GEMM dimension a multiple of 16
+
+
+def fp8_supported(device: torch.device | str | None = None) -> bool:
+    """True where ``torch._scaled_mm`` runs FP8: CPU (torch ≥ 2.13, reference speed) or CUDA with sm_89+."""
+    if not hasattr(torch, "_scaled_mm"):
+        return False
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cpu"
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Which linears run in FP8: M ≥ min_m, K ≥ min_k, N ≥ min_n, and M, K, N multiples of 16.
+
+    Everything else runs in the compute dtype. M (rows = tokens) is only known per call; the rule reads
+    static shapes, so torch.compile specialises on it instead of breaking the graph. The default is
+    REFERENCE §7.3's start rule (every measured H100 win satisfies it, the measured loss does not); refine
+    it per device from ``bench/linear.py``.
+    """
+
+    min_m: int = 8192
+    min_k: int = 4096
+    min_n: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("min_m", "min_k", "min_n"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"Dispatch.{name} must be a non-negative integer, got {value!r}")
+
+    @classmethod
+    def always(cls) -> Dispatch:
+        """FP8 for every aligned shape (tests, benchmarks)."""
+        return cls(0, 0, 0)
+
+    def use_fp8(self, m: int, k: int, n: int) -> bool:
+        aligned = m % GEMM_ALIGN == 0 and k % GEMM_ALIGN == 0 and n % GEMM_ALIGN == 0
+        return aligned and m >= self.min_m and k >= self.min_k and n >= self.min_n
+
+
+def check_pow2(name: str, value: float) -> float:
+    """``value`` as a float if it is a positive finite power of two, else ValueError."""
+    value = float(value)
+    if not (math.isfinite(value) and value > 0 and math.frexp(value)[0] == 0.5):
+        raise ValueError(f"{name} must be a positive power of two (static scales are exact), got {value!r}")
+    return value
+
+
+def pow2_rms_scale(w: Tensor) -> Tensor:
+    """s = 2^round(log2 rms(w)) as a float32 0-dim tensor on w's device; 1 if rms is 0 or not finite.
+
+    Computed on the device (no host sync); the power of two keeps q(w/s)·s free of scaling error.
+    """
+    rms = w.detach().float().pow(2).mean().sqrt()
+    k = torch.round(torch.log2(rms))
+    k = torch.where(torch.isfinite(k), k, torch.zeros_like(k)).clamp(-126, 127)
+    return torch.ldexp(torch.ones_like(k), k)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _use_triton(t: Tensor) -> bool:
+    if not t.is_cuda or torch.compiler.is_compiling():
+        return False  # compiled graphs: Inductor fuses the torch ops below into one kernel
+    from unitscale.precision.fp8_kernels import TRITON_AVAILABLE
+
+    return TRITON_AVAILABLE
+
+
+def cast_pair(
+    t: Tensor,
+    inv_scale: float | Tensor,
+    dtype: torch.dtype,
+    *,
+    round_to: torch.dtype | None = None,
+    write_row: bool = True,
+    write_col: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(q, qᵀ contiguous) with q = fp8(clamp(ρ(t)·inv_scale, ±max)) for a 2-D ``t``; None where not asked.
+
+    ρ rounds to ``round_to`` first (the compute dtype, i.e. what the simulate backend would quantise).
+    CUDA eager: one fused Triton pass (fp8_kernels); elsewhere torch ops (fused by Inductor when compiled).
+    """
+    if _use_triton(t):
+        from unitscale.precision.fp8_kernels import cast_transpose
+
+        if not isinstance(inv_scale, Tensor):
+            inv_scale = _const(inv_scale, t.device)
+        pre = round_to if round_to is not None and round_to != t.dtype else None
+        return cast_transpose(t, inv_scale.reshape(1), dtype, round_to=pre, write_row=write_row,
+                              write_col=write_col)
+    y = t.to(round_to) if round_to is not None else t
+    if isinstance(inv_scale, Tensor) or inv_scale != 1.0:
+        y = y.float() * inv_scale  # fp32: a power-of-two rescale of fp16 input must not overflow
+    fmax = torch.finfo(dtype).max
+    q = y.clamp(-fmax, fmax).to(dtype)  # explicit clamp: eager casts saturate only from torch 2.12 on
+    return (q if write_row else None), (q.t().contiguous() if write_col else None)
+
+
+_CONSTS: dict[tuple[float, torch.device], Tensor] = {}
+
+
+def _const(value: float, device: torch.device) -> Tensor:
+    """A float32 0-dim tensor holding ``value`` (cached in eager mode: no fill kernel per GEMM)."""
+    if torch.compiler.is_compiling():
+        return torch.full((), value, dtype=torch.float32, device=device)
+    key = (value, device)
+    t = _CONSTS.get(key)
+    if t is None:
+        t = _CONSTS[key] = torch.full((), value, dtype=torch.float32, device=device)
+    return t
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything static about one linear call."""
+
+    alpha: float
+    beta_x: float
+    beta_w: float
+    beta_b: float
+    compute: torch.dtype
+    x_dtype: torch.dtype
+    w_dtype: torch.dtype
+    g_dtype: torch.dtype
+    x_scale: float
+    g_scale: float
+    need_gx: bool
+    need_gw: bool
+
+
+def _mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype, *,
+        fast: bool, bias: Tensor | None = None) -> Tensor:
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype,
+                            use_fast_accum=fast)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan, backend):  # type: ignore[override]
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        x8, x8t = cast_pair(x2, 1.0 / plan.x_scale, plan.x_dtype, round_to=plan.compute,
+                            write_col=plan.need_gw)
+        w8, w8t, s_w = backend.weight_fp8(weight, plan.w_dtype, plan.compute)
+        dev = x.device
+        # The epilogue adds a bias of the output dtype after the scales (y = s_a·s_b·AB + c).
+        fused_bias = bias is not None and plan.compute != torch.float32
+        y = _mm(x8, w8.t(), _const(plan.alpha * plan.x_scale, dev), s_w, plan.compute, fast=True,
+                bias=bias.to(plan.compute) if fused_bias else None)
+        if bias is not None and not fused_bias:
+            y = y + bias.to(plan.compute)
+        ctx.save_for_backward(x8t, w8t if plan.need_gx else None, s_w)
+        ctx.plan = plan
+        ctx.meta = (lead, k, x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y.reshape(*lead, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x8t, w8t, s_w = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        lead, k, x_dtype, w_dtype, b_dtype = ctx.meta
+        g2 = grad.reshape(-1, grad.shape[-1])
+        dev = grad.device
+        need_gx, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and x8t is not None
+        g8, g8t = cast_pair(g2, 1.0 / plan.g_scale, plan.g_dtype, write_row=need_gx, write_col=need_gw)
+        gx = gw = gb = None
+        if need_gx:
+            gx = _mm(g8, w8t.t(), _const(plan.beta_x * plan.g_scale, dev), s_w, x_dtype, fast=False)
+            gx = gx.reshape(*lead, k)
+        if need_gw:
+            gw = _mm(g8t, x8t.t(), _const(plan.beta_w * plan.g_scale, dev), _const(plan.x_scale, dev),
+                     w_dtype, fast=False)
+        if b_dtype is not None and ctx.needs_input_grad[2]:
+            gb = (g2.sum(0, dtype=torch.float32) * plan.beta_b).to(b_dtype)
+        return gx, gw, gb, None, None
+
+
+class Fp8Backend(Exact):
+    """Linears on FP8 tensor cores via ``torch._scaled_mm`` with static power-of-two scales.
+
+    weight_format / activation_format / grad_format: "fp8_e4b" (E4M3) or "fp8_e5b" (E5M2), aliases
+    accepted; no GEMM may pair E5M2 with E5M2 (unsupported by the hardware). activation_scale, grad_scale,
+    weight_static_scale: the fixed dequantisation scales s (powers of two; 1 for unit-scaled tensors).
+    weight_scale: "static" or "pow2_rms" (per call from the weight's RMS; see module docstring).
+    dispatch: the shape rule sending small linears to the compute dtype. cache_weights: reuse a weight's
+    FP8 copies until it changes (eager mode only; compiled graphs cast once per graph anyway).
+    """
+
+    name = "fp8"
+
+    def __init__(
+        self,
+        weight_format: str = "fp8_e4b",
+        activation_format: str = "fp8_e4b",
+        grad_format: str = "fp8_e5b",
+        *,
+        weight_scale: WeightScale = "static",
+        activation_scale: float = 1.0,
+        grad_scale: float = 1.0,
+        weight_static_scale: float = 1.0,
+        dispatch: Dispatch | None = None,
+        cache_weights: bool = True,
+    ) -> None:
+        given = {"weight": weight_format, "activation": activation_format, "grad": grad_format}
+        self.formats = {role: _fp8_dtype(role, fmt) for role, fmt in given.items()}
+        e5 = torch.float8_e5m2
+        pairs = {"forward (weight × activation)": ("weight", "activation"),
+                 "dgrad (grad × weight)": ("grad", "weight"),
+                 "wgrad (grad × activation)": ("grad", "activation")}
+        for gemm, (r1, r2) in pairs.items():
+            if self.formats[r1] == e5 and self.formats[r2] == e5:
+                raise ValueError(f"{gemm} would multiply E5M2 by E5M2, which _scaled_mm does not run; "
+                                 "use fp8_e4b for one of them")
+        if weight_scale not in WEIGHT_SCALES:
+            raise ValueError(f"unknown weight_scale {weight_scale!r}; accepted: {', '.join(WEIGHT_SCALES)}")
+        self.weight_scale = weight_scale
+        self.activation_scale = check_pow2("activation_scale", activation_scale)
+        self.grad_scale = check_pow2("grad_scale", grad_scale)
+        self.weight_static_scale = check_pow2("weight_static_scale", weight_static_scale)
+        self.dispatch = Dispatch() if dispatch is None else dispatch
+        self.cache_weights = cache_weights
+        self._cache: dict[int, tuple[Any, ...]] = {}
+
+    # Weight copies ----------------------------------------------------------------------------------------
+    def weight_fp8(
+        self, weight: Tensor, dtype: torch.dtype, compute: torch.dtype
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(q(W) [N, K], q(W)ᵀ [K, N] contiguous, s_w) for ``weight``, from the cache when still valid."""
+        eager = self.cache_weights and not torch.compiler.is_compiling()
+        key = id(weight)
+        if eager:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0]() is weight and hit[1] == (weight._version, dtype, compute):
+                return hit[2]
+        if self.weight_scale == "pow2_rms":
+            s_w = pow2_rms_scale(weight)
+            inv: float | Tensor = 1.0 / s_w
+        else:
+            s_w = _const(self.weight_static_scale, weight.device)
+            inv = 1.0 / self.weight_static_scale
+        w8, w8t = cast_pair(weight.detach(), inv, dtype, round_to=compute)
+        out = (w8, w8t, s_w)
+        if eager:
+            cache = self._cache
+            ref = weakref.ref(weight, lambda _, k=key: cache.pop(k, None))
+            cache[key] = (ref, (weight._version, dtype, compute), out)
+        return out
+
+    def clear_cache(self) -> None:
+        """Drop every cached weight copy (frees their memory)."""
+        self._cache.clear()
+
+    # The backend protocol ----------------------------------------------------------------------------------
+    def linear(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        *,
+        alpha: float = 1.0,
+        beta_x: float = 1.0,
+        beta_w: float = 1.0,
+        beta_b: float = 1.0,
+    ) -> Tensor:
+        """y = alpha · x Wᵀ + bias on FP8 GEMMs where :class:`Dispatch` allows, else as :class:`Exact`."""
+        if x.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+            raise ValueError(
+                f"linear: input feature size {x.shape[-1]} does not match weight shape {tuple(weight.shape)}"
+            )
+        compute = _compute_dtype(x)
+        k, n = x.shape[-1], weight.shape[0]
+        m = x.numel() // k if k else 0
+        if compute not in COMPUTE_DTYPES or not self.dispatch.use_fp8(m, k, n) or not fp8_supported(x.device):
+            return super().linear(x, weight, bias, alpha=alpha, beta_x=beta_x, beta_w=beta_w, beta_b=beta_b)
+        grad_on = torch.is_grad_enabled()
+        plan = _Plan(
+            alpha=float(alpha), beta_x=float(beta_x), beta_w=float(beta_w), beta_b=float(beta_b),
+            compute=compute, x_dtype=self.formats["activation"], w_dtype=self.formats["weight"],
+            g_dtype=self.formats["grad"], x_scale=self.activation_scale, g_scale=self.grad_scale,
+            need_gx=grad_on and x.requires_grad, need_gw=grad_on and weight.requires_grad,
+        )
+        return _Fp8Linear.apply(x, weight, bias, plan, self)
+
+    def __repr__(self) -> str:
+        names = {v: k for k, v in FP8_FORMATS.items()}
+        w, a, g = (names[self.formats[r]] for r in ("weight", "activation", "grad"))
+        return (f"Fp8Backend(weight={w}, activation={a}, grad={g}, weight_scale={self.weight_scale!r}, "
+                f"dispatch={self.dispatch})")
+
+
+def _fp8_dtype(role: str, name: str) -> torch.dtype:
+    fmt = get_format(name).name
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"fp8 backend: {role} format {name!r} is not run by FP8 tensor cores; "
+                         f"accepted: {', '.join(FP8_FORMATS)} (aliases e4m3, e5m2)")
+    return FP8_FORMATS[fmt]
+
+
+@cache
+def _shared(weight_format: str, activation_format: str, grad_format: str) -> Fp8Backend:
+    return Fp8Backend(weight_format, activation_format, grad_format)
+
+
+def fp8_backend_for(module: torch.nn.Module, recipe: Any) -> Fp8Backend:
+    """The backend ``precision.apply`` gives a module under an fp8-backend recipe (shared per recipe).
+
+    Uses the recipe's formats, static unit scales and the default :class:`Dispatch`. Stochastic gradient
+    rounding has no hardware path and raises ValueError.
+    """
+    if getattr(recipe, "grad_rounding", "nearest") != "nearest":
+        raise ValueError(f"fp8 backend: grad_rounding {recipe.grad_rounding!r} is not supported; "
+                         "accepted: 'nearest' (use the simulate backend for stochastic rounding)")
+    formats = (recipe.weight_format, recipe.activation_format, recipe.grad_format)
+    if any(f is None for f in formats):
+        raise ValueError(f"fp8 backend: recipe {recipe.name!r} must set weight, activation and grad formats, "
+                         f"got {formats}")
+    return _shared(*formats)
