@@ -66,7 +66,11 @@ def test_quantised_linear_matches_torch_float8_casts() -> None:
     g = torch.randn_like(y) * 1e-3
     y.backward(g)
     e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
-    xq, wq, gq = _torch_cast(x.detach(), e4, 448.0), _torch_cast(ref_w, e4, 448.0), _torch_cast(g, e5, 57344.0)
+    xq, wq, gq = (
+        _torch_cast(x.detach(), e4, 448.0),
+        _torch_cast(ref_w, e4, 448.0),
+        _torch_cast(g, e5, 57344.0),
+    )
     torch.testing.assert_close(y, F.linear(xq, wq, lin.bias), rtol=0, atol=1e-5)
     torch.testing.assert_close(x.grad, gq @ wq, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(lin.weight.grad, gq.t() @ xq, rtol=1e-6, atol=1e-7)
@@ -149,5 +153,6 @@ def test_autocast_fp16_runs_matmuls_in_fp16_and_keeps_fp32_grads() -> None:
     assert y.dtype == torch.float16
     y.float().sum().backward()
     assert lin.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
-    torch.testing.assert_close(lin.weight.grad, torch.ones(4, 8).t() @ x.detach().half().float(), rtol=1e-3,
-                               atol=1e-3)
+    torch.testing.assert_close(
+        lin.weight.grad, torch.ones(4, 8).t() @ x.detach().half().float(), rtol=1e-3, atol=1e-3
+    )

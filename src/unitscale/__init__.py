@@ -7,7 +7,17 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"analysis", "formats", "functional", "models", "nn", "precision", "scale", "train", "transforms"}
+_SUBMODULES = {
+    "analysis",
+    "formats",
+    "functional",
+    "models",
+    "nn",
+    "precision",
+    "scale",
+    "train",
+    "transforms",
+}
 _ATTRS = {
     "scaled": ("unitscale.scale", "scaled"),
     "Recipe": ("unitscale.precision", "Recipe"),

@@ -31,8 +31,10 @@ def build(name: str, vocab_size: int, *, scaling: str = "unit", **overrides: Any
     fields = {**_PRESETS[name], **overrides, "vocab_size": vocab_size, "scaling": scaling}
     unknown = set(fields) - set(CharLMConfig.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"unknown model option(s) {sorted(unknown)}; accepted: "
-                         f"{', '.join(sorted(CharLMConfig.__dataclass_fields__))}")
+        raise ValueError(
+            f"unknown model option(s) {sorted(unknown)}; accepted: "
+            f"{', '.join(sorted(CharLMConfig.__dataclass_fields__))}"
+        )
     return CharLM(CharLMConfig(**fields))
 
 

@@ -17,10 +17,17 @@ from unitscale.precision.backend import EXACT
 
 
 def scaled_dot_product_attention(
-    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
-    is_causal: bool = False, scale: float | None = None, *, precision: Any = None,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    *,
+    precision: Any = None,
 ) -> Tensor:
-    """softmax(q kᵀ/√d + mask) v. Without a backend, torch's fused kernel; with one, both matmuls go through it."""
+    """softmax(q kᵀ/√d + mask) v: torch's fused kernel, or both matmuls through the given backend."""
     if precision is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
     scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
@@ -30,6 +37,10 @@ def scaled_dot_product_attention(
         mask = torch.ones(s_q, s_k, dtype=torch.bool, device=query.device).tril(s_k - s_q)
         logits = logits.masked_fill(~mask, float("-inf"))
     if attn_mask is not None:
-        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+        logits = (
+            logits.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else logits + attn_mask
+        )
     probs = F.dropout(torch.softmax(logits.float(), dim=-1).to(value.dtype), dropout_p)
     return (precision or EXACT).matmul(probs, value)

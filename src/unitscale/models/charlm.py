@@ -23,7 +23,6 @@ import unitscale.nn as unn
 from unitscale.models import _standard as S
 from unitscale.precision.backend import EXACT
 from unitscale.rules import linear_rule
-from unitscale.scale import resolve
 
 MIXERS = ("attention", "conv", "rnn")
 SCALINGS = ("unit", "standard")
@@ -136,10 +135,15 @@ class CausalConv(nn.Module):
         windows = windows.reshape(b * t, g, c // g, k).permute(1, 0, 3, 2).reshape(g, b * t, k * c // g)
         backend = self.precision or EXACT
         if self.cfg.unit:
-            ideal = linear_rule(fan_in=k * c // g, fan_out=c // g, rows=b * t)
-            alpha, betas = resolve(ideal.alpha, ideal.betas, ideal.constrained)
-            y = backend.matmul(windows, self.weight, alpha=alpha, beta_a=betas["input"],
-                               beta_b=betas["weight"], roles=("activation", "weight"))
+            alpha, betas = linear_rule(fan_in=k * c // g, fan_out=c // g, rows=b * t).resolve()
+            y = backend.matmul(
+                windows,
+                self.weight,
+                alpha=alpha,
+                beta_a=betas["input"],
+                beta_b=betas["weight"],
+                roles=("activation", "weight"),
+            )
         else:
             y = backend.matmul(windows, self.weight, roles=("activation", "weight"))
         return y.permute(1, 0, 2).reshape(b, t, c)
@@ -254,8 +258,12 @@ class CharLM(nn.Module):
 
     def default_lr(self, optimizer: str) -> float:
         """Starting LR per optimiser (REFERENCE §4.1 median best LRs: unit AdamW 2⁻⁶, regular 2⁻¹⁰)."""
-        table = {("unit", "adam"): 2**-6, ("standard", "adam"): 2**-10,
-                 ("unit", "sgd"): 2**-12, ("standard", "sgd"): 2**-4}
+        table = {
+            ("unit", "adam"): 2**-6,
+            ("standard", "adam"): 2**-10,
+            ("unit", "sgd"): 2**-12,
+            ("standard", "sgd"): 2**-4,
+        }
         return table[(self.cfg.scaling, "sgd" if optimizer == "sgd" else "adam")]
 
     def optim_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:

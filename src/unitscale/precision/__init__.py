@@ -7,6 +7,7 @@ with a ``precision`` attribute) get it directly; plain ``nn.Linear`` modules bec
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from functools import cache
@@ -19,8 +20,18 @@ from unitscale.precision.backend import EXACT, Exact
 from unitscale.precision.recipe import BACKENDS, RECIPE_NAMES, Recipe, get_recipe
 
 __all__ = [
-    "BACKENDS", "EXACT", "RECIPE_NAMES", "Exact", "MatmulPlan", "QuantisedLinear", "Recipe", "apply",
-    "backend_for", "describe", "get_recipe", "plan",
+    "BACKENDS",
+    "EXACT",
+    "RECIPE_NAMES",
+    "Exact",
+    "MatmulPlan",
+    "QuantisedLinear",
+    "Recipe",
+    "apply",
+    "backend_for",
+    "describe",
+    "get_recipe",
+    "plan",
 ]
 
 # Modules whose internal matmuls bypass any backend: reported, never silently left unquantised.
@@ -48,7 +59,7 @@ class MatmulPlan:
 
 
 def _kind(module: nn.Module) -> str:
-    """"linear", "attention", "conv" (a module may declare ``matmul_kind``) or "unreachable"."""
+    """ "linear", "attention", "conv" (a module may declare ``matmul_kind``) or "unreachable"."""
     if isinstance(module, _UNREACHABLE):
         return "unreachable"
     declared = getattr(module, "matmul_kind", None)
@@ -73,7 +84,7 @@ def plan(model: nn.Module, recipe: Recipe | str) -> list[MatmulPlan]:
         backend = _backend_name(sub, kind)
         if backend != sub.backend and sub.backend == "int4":
             why += f"; {kind} matmuls stay in high precision (INT4 paper: linear layers only)"
-        elif backend != sub.backend:
+        elif sub.backend == "fp8" and backend == "simulate":
             why += "; no CUDA: fp8 falls back to simulate"
         rows.append(MatmulPlan(path, kind, sub, backend, why))
     return rows
@@ -105,9 +116,14 @@ def backend_for(module: nn.Module, recipe: Recipe, kind: str | None = None) -> A
     if name == "simulate":
         return _shared_simulate(recipe)
     if name == "int4":
-        from unitscale.precision.int4 import int4_backend_for
+        from unitscale.precision.int4 import Int4Config, int4_backend_for
 
-        return int4_backend_for(module, recipe.int4)
+        config = recipe.int4_config or Int4Config.hq_lss()
+        fan_in = module.weight.shape[-1]
+        if config.hadamard and fan_in % config.block_size:
+            # The Hadamard block must divide the reduction dim: the largest power of two that does.
+            config = config.replace(block_size=math.gcd(fan_in, config.block_size))
+        return int4_backend_for(module, config)
     from unitscale.precision.fp8 import fp8_backend_for  # Hopper only
 
     return fp8_backend_for(module, recipe)
@@ -142,7 +158,9 @@ def apply(model: nn.Module, recipe: Recipe | str) -> nn.Module:
                 unreachable.append(f"{row.path or '<root>'} ({type(module).__name__})")
             continue
         if row.recipe.backend == "fp8" and row.backend == "simulate" and not _warned_fp8_fallback:
-            warnings.warn("unitscale: no CUDA device, the fp8 backend runs as the simulate backend", stacklevel=2)
+            warnings.warn(
+                "unitscale: no CUDA device, the fp8 backend runs as the simulate backend", stacklevel=2
+            )
             _warned_fp8_fallback = True
         if type(module) is nn.Linear:
             module.__class__ = QuantisedLinear
@@ -164,8 +182,12 @@ def describe(model: nn.Module, recipe: Recipe | str) -> str:
     width = max([len(r.path) for r in rows] + [6])
     lines = [f"{'module':<{width}}  {'kind':<11} {'backend':<9} {'w/x/grad formats':<28} reason"]
     for r in rows:
-        fmts = "/".join(str(f) for f in (r.recipe.weight_format, r.recipe.activation_format, r.recipe.grad_format))
+        fmts = "/".join(
+            str(f) for f in (r.recipe.weight_format, r.recipe.activation_format, r.recipe.grad_format)
+        )
         if r.backend == "exact":
             fmts = f"({str(r.recipe.compute_dtype).split('.')[-1]})"
+        elif r.backend == "int4":
+            fmts = "int4/int4/bit-split int4"
         lines.append(f"{r.path or '<root>':<{width}}  {r.kind:<11} {r.backend:<9} {fmts:<28} {r.reason}")
     return "\n".join(lines)

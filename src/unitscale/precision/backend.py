@@ -3,10 +3,10 @@
 Every matmul of the library goes through one backend object. The model code computes the scale factors
 (``unitscale.functional``); the backend decides the casts and kernels. A backend call computes
 
-    linear:  y = alpha · (x Wᵀ) + c        ∂x = beta_x · (∂y W),  ∂W = beta_w · (∂yᵀ x),  ∂c = beta_c · Σ_rows ∂y
-    matmul:  y = alpha · (a b)             ∂a = beta_a · (∂y bᵀ), ∂b = beta_b · (aᵀ ∂y)
+    linear:  y = alpha · (x Wᵀ) + c    ∂x = beta_x · (∂y W),  ∂W = beta_w · (∂yᵀ x),  ∂c = beta_c · Σ_rows ∂y
+    matmul:  y = alpha · (a b)         ∂a = beta_a · (∂y bᵀ), ∂b = beta_b · (aᵀ ∂y)
 
-with each factor folded into its GEMM (``torch.addmm``/``torch.mm`` ``alpha``), so eager mode pays no extra
+with each factor folded into its GEMM (``torch.addmm`` ``alpha``), so eager mode pays no extra
 elementwise kernel for unit scaling. ``Exact`` runs in the compute dtype; subclasses override the three cast
 points (matmul inputs going forward, the output gradient going back) or the whole op.
 """

@@ -49,14 +49,16 @@ class Recipe:
     loss_scale: float | None = None
     backend: str = "simulate"
     grad_rounding: str = "nearest"
-    int4: Any = None
+    int4_config: Any = None
     overrides: tuple[tuple[str, Recipe], ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; accepted: {', '.join(BACKENDS)}")
         if self.grad_rounding not in ROUNDINGS:
-            raise ValueError(f"unknown grad_rounding {self.grad_rounding!r}; accepted: {', '.join(ROUNDINGS)}")
+            raise ValueError(
+                f"unknown grad_rounding {self.grad_rounding!r}; accepted: {', '.join(ROUNDINGS)}"
+            )
         if self.compute_dtype not in _DTYPES.values():
             raise ValueError(
                 f"unsupported compute_dtype {self.compute_dtype}; accepted: {', '.join(_DTYPES)}"
@@ -88,12 +90,17 @@ class Recipe:
     def fp16_simulated(cls, loss_scale: float | None = None) -> Recipe:
         """fp16 matmul inputs and output gradients simulated in fp32 compute (fast on CPUs)."""
         name = "fp16-sim" if loss_scale is None else "fp16-sim-loss-scaled"
-        return cls(name=name, weight_format="fp16", activation_format="fp16", grad_format="fp16",
-                   loss_scale=loss_scale)
+        return cls(
+            name=name,
+            weight_format="fp16",
+            activation_format="fp16",
+            grad_format="fp16",
+            loss_scale=loss_scale,
+        )
 
     @classmethod
     def fp8(cls, backend: str = "simulate", variant: str = "b", loss_scale: float | None = None) -> Recipe:
-        """E4 weights and activations forward, E5 gradients backward (variant "b" = OCP/Hopper, "a" = fnuz)."""
+        """E4 weights/activations forward, E5 gradients backward (variant "b" = OCP/Hopper, "a" = fnuz)."""
         if variant not in ("a", "b"):
             raise ValueError(f"unknown FP8 variant {variant!r}; accepted: 'a' (fnuz), 'b' (OCP, Hopper)")
         if backend not in ("simulate", "fp8"):
@@ -102,8 +109,14 @@ class Recipe:
         name = "fp8" if variant == "b" else "fp8-e4a"
         if loss_scale is not None:
             name += "-loss-scaled"
-        return cls(name=name, weight_format=e4, activation_format=e4, grad_format=e5, backend=backend,
-                   loss_scale=loss_scale)
+        return cls(
+            name=name,
+            weight_format=e4,
+            activation_format=e4,
+            grad_format=e5,
+            backend=backend,
+            loss_scale=loss_scale,
+        )
 
     @classmethod
     def int4(cls, config: Any = None) -> Recipe:
@@ -113,8 +126,14 @@ class Recipe:
         config = Int4Config.hq_lss() if config is None else config
         # As in the paper, the classifier / LM head stays in full precision.
         heads = tuple((glob, cls.fp32()) for glob in HIGH_PRECISION_HEADS)
-        return cls(name="int4", weight_format="int4", activation_format="int4", backend="int4", int4=config,
-                   overrides=heads)
+        return cls(
+            name="int4",
+            weight_format="int4",
+            activation_format="int4",
+            backend="int4",
+            int4_config=config,
+            overrides=heads,
+        )
 
     @classmethod
     def int4_naive(cls) -> Recipe:

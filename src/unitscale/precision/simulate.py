@@ -1,4 +1,4 @@
-"""The simulate backend: matmul inputs and output gradients rounded to a format, compute in higher precision."""
+"""The simulate backend: matmul inputs and output gradients rounded to a format, higher-precision compute."""
 
 from __future__ import annotations
 

@@ -41,14 +41,24 @@ class Preset:
 
 PRESETS = {
     "cpu": Preset(
-        name="cpu", steps=150, batch_size=8, seq_len=64, warmup=15, eval_windows=64,
+        name="cpu",
+        steps=150,
+        batch_size=8,
+        seq_len=64,
+        warmup=15,
+        eval_windows=64,
         model={"d_model": 64, "n_layers": 2, "n_heads": 1},
         families={"rnn": {"n_layers": 1}},
         lr_factors=(0.25, 1.0, 4.0),
         description="2-core CPU, ~30 min: d=64, 2 layers (1 for the RNN), 150 steps of 8×64 chars",
     ),
     "gpu": Preset(
-        name="gpu", steps=20_000, batch_size=8, seq_len=256, warmup=500, eval_windows=512,
+        name="gpu",
+        steps=20_000,
+        batch_size=8,
+        seq_len=256,
+        warmup=500,
+        eval_windows=512,
         model={"d_model": 128, "n_layers": 8, "n_heads": 2},
         families={"rnn": {"n_layers": 2}},
         lr_factors=(0.25, 0.5, 1.0, 2.0, 4.0),
@@ -95,8 +105,13 @@ def run_dirs(out: Path, preset: Preset, grid: list[Cell]) -> Iterator[tuple[Cell
     from unitscale.models import build
 
     for cell in grid:
-        probe = build(cell.family, vocab_size=2, scaling=cell.scaling, seq_len=preset.seq_len,
-                      **{**preset.model, **preset.families.get(cell.family, {})})
+        probe = build(
+            cell.family,
+            vocab_size=2,
+            scaling=cell.scaling,
+            seq_len=preset.seq_len,
+            **{**preset.model, **preset.families.get(cell.family, {})},
+        )
         base = probe.default_lr(cell.optimizer)
         for factor in preset.lr_factors:
             lr = base * factor
@@ -138,10 +153,23 @@ def run(
             continue
         console.print(f"[{i}/{len(runs)}] {cell.key} lr=2^{math.log2(lr):+.1f}")
         cfg = TrainConfig(
-            model=cell.family, scaling=cell.scaling, precision=cell.precision, optimizer=cell.optimizer,
-            lr=lr, steps=p.steps, warmup=p.warmup, batch_size=p.batch_size, seq_len=p.seq_len,
-            eval_every=p.steps, eval_windows=p.eval_windows, checkpoint_every=p.steps, seed=seed,
-            data=data, device=device, out_dir=str(run_dir), quiet=True,
+            model=cell.family,
+            scaling=cell.scaling,
+            precision=cell.precision,
+            optimizer=cell.optimizer,
+            lr=lr,
+            steps=p.steps,
+            warmup=p.warmup,
+            batch_size=p.batch_size,
+            seq_len=p.seq_len,
+            eval_every=p.steps,
+            eval_windows=p.eval_windows,
+            checkpoint_every=p.steps,
+            seed=seed,
+            data=data,
+            device=device,
+            out_dir=str(run_dir),
+            quiet=True,
             model_overrides={**p.model, **p.families.get(cell.family, {})},
             stop_on_nonfinite=False,
         )
@@ -184,8 +212,9 @@ def report(out: str | Path) -> Path:
         raise ValueError(f"no finished runs under {out}")
     best = best_per_cell(rows)
     meta = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else {}
+    preset = meta.get("preset", {})
     lines = [
-        f"Preset `{meta.get('preset', {}).get('name', '?')}`: {meta.get('preset', {}).get('description', '')}.",
+        f"Preset `{preset.get('name', '?')}`: {preset.get('description', '')}.",
         f"Host: {platform.machine()}, {platform.processor() or platform.system()}; {len(rows)} runs.",
         "",
         "| family | optimiser | scaling | precision | best LR | valid BPC | test BPC |",
@@ -194,8 +223,10 @@ def report(out: str | Path) -> Path:
     for (fam, sc, pr, opt), r in sorted(best.items()):
         lr = r.get("lr")
         lr_s = f"2^{math.log2(lr):+.1f}" if isinstance(lr, (int, float)) and lr > 0 else "?"
-        lines.append(f"| {fam} | {opt} | {sc} | {pr} | {lr_s} | {_fmt(r.get('valid_bpc'))} | "
-                     f"{_fmt(r.get('test_bpc'))} |")
+        lines.append(
+            f"| {fam} | {opt} | {sc} | {pr} | {lr_s} | {_fmt(r.get('valid_bpc'))} | "
+            f"{_fmt(r.get('test_bpc'))} |"
+        )
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     plot(best, out / "sweep.png")
@@ -225,9 +256,14 @@ def plot(best: dict[tuple[str, str, str, str], dict[str, Any]], path: Path) -> N
                 y = _score(r)
                 x = gi + (si - 0.5) * 0.4 + (pi - (len(precisions) - 1) / 2) * 0.08
                 diverged = not math.isfinite(y)
-                ax.scatter(x, ceiling if diverged else y, marker="x" if diverged else markers.get(pr, "o"),
-                           color=colors[sc], s=50,
-                           label=f"{sc} {pr}" if gi == 0 else None)
+                ax.scatter(
+                    x,
+                    ceiling if diverged else y,
+                    marker="x" if diverged else markers.get(pr, "o"),
+                    color=colors[sc],
+                    s=50,
+                    label=f"{sc} {pr}" if gi == 0 else None,
+                )
     ax.set_xticks(range(len(groups)), [f"{f}\n{o}" for f, o in groups])
     ax.set_ylabel("validation bits per character (best LR), lower is better")
     ax.set_title("Char-LM sweep: regular (red) vs unit-scaled (blue); × = diverged")
