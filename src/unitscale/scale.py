@@ -1,9 +1,10 @@
 """The one autograd primitive of unit scaling, and the constraint rules.
 
 ``scaled(x, fwd, bwd)`` is the identity times ``fwd`` going forward and the incoming gradient times
-``bwd`` going back. A scaled op is the plain op with ``scaled(., 1, beta_i)`` on each input and ``scaled(., alpha, 1)``
-on its output (REFERENCE §1.2). Constraint resolvers turn an op's ideal (alpha, betas) into the factors to use
-when some inputs arrive over non-cut edges, where alpha must equal beta (REFERENCE §1.3).
+``bwd`` going back. A scaled op is the plain op with ``scaled(., 1, beta_i)`` on each input and
+``scaled(., alpha, 1)`` on its output (REFERENCE §1.2). Constraint resolvers turn an op's ideal
+(alpha, betas) into the factors to use when some inputs arrive over non-cut edges, where alpha must equal
+beta (REFERENCE §1.3).
 """
 
 from __future__ import annotations
