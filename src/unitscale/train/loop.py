@@ -1,0 +1,414 @@
+"""The char-LM training loop: ``train(TrainConfig(...)) -> summary``.
+
+Plain SGD / Adam / AdamW with linear warm-up and cosine decay, no gradient clipping unless asked (the
+paper's point is that unit scaling needs no tricks). Deterministic for a fixed seed: parameters come from
+``torch.manual_seed(seed)``, batches from the sampler's own generator, and a checkpoint carries every
+piece of state (model, optimiser, schedule step, global RNG, sampler RNG, vocabulary, config), so a resumed
+run continues bit for bit. A non-finite loss or gradient stops the run before the optimiser step, names
+the step and the first tensor that overflowed, and leaves the last good checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from unitscale.scale import scaled
+from unitscale.train import checkpoint
+from unitscale.train.data import BatchSampler, Vocab, eval_windows, load_corpus
+from unitscale.train.metrics import MetricsLog, TrainProgress, bpc, evaluate_bpc, plot_curves, read_jsonl
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "sgd")
+SCALINGS: tuple[str, ...] = ("unit", "standard")
+FALLBACK_LR = 1e-3  # only for models without default_lr()
+# Fields a resumed run may change without leaving the original trajectory (steps extends the schedule).
+RESUME_FREE: frozenset[str] = frozenset({
+    "steps", "out_dir", "resume", "quiet", "eval_every", "checkpoint_every", "log_every", "stop_on_nonfinite",
+})
+
+ModelFn = Callable[["TrainConfig", int], nn.Module]
+StepHook = Callable[[int, nn.Module, float], None]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (saved in every checkpoint and in summary.json)."""
+
+    model: str = "gpt"
+    scaling: str = "unit"
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+    lr: float | None = None  # None: model.default_lr(optimizer) (unit and standard models differ)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup: int = 100
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 128
+    eval_every: int = 250
+    eval_windows: int = 64
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    grad_clip: float | None = None
+    device: str = "cpu"
+    data: str = "wiki"
+    out_dir: str = "runs/train"
+    resume: bool = False
+    quiet: bool = False
+    stop_on_nonfinite: bool = True
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field and what it accepts."""
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"unknown scaling {self.scaling!r}; accepted: {', '.join(SCALINGS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every",
+                     "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number (or None for the model's default), got {self.lr!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive or None (off), got {self.grad_clip!r}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay!r}, "
+                             f"{self.momentum!r}")
+
+
+class NonFiniteError(RuntimeError):
+    """A training step produced a non-finite loss or gradient; the message names the step and tensor."""
+
+
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Multiplier of the base LR for 0-based ``step``: (step+1)/warmup during warm-up, then
+    ½(1 + cos(π·p)) with p = (step − warmup)/(steps − warmup) ∈ [0, 1) (cosine decay towards 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if steps <= warmup:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" picks CUDA when present; otherwise the named torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; accepted: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; accepted here: cpu, auto")
+    return device
+
+
+def check_names(config: TrainConfig) -> None:
+    """Model and recipe names, checked before any data is loaded (errors list the valid names)."""
+    from unitscale.models import MODEL_NAMES
+    from unitscale.precision import get_recipe
+
+    if config.model not in MODEL_NAMES:
+        raise ValueError(f"unknown model {config.model!r}; accepted: {', '.join(MODEL_NAMES)}")
+    get_recipe(config.precision)
+
+
+def build_model(config: TrainConfig, vocab_size: int) -> nn.Module:
+    """The registry model ``config.model`` with the run's scaling, sequence length and overrides."""
+    from unitscale.models import build
+
+    overrides = {"seq_len": config.seq_len, **config.model_overrides}
+    return build(config.model, vocab_size, scaling=config.scaling, **overrides)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD (momentum), Adam or AdamW (β = 0.9, 0.999) over ``model.optim_groups`` when it has them."""
+    if hasattr(model, "optim_groups"):
+        groups = model.optim_groups(lr, config.weight_decay)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
+                   "weight_decay": config.weight_decay}]
+    if config.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
+    elif config.optimizer == "adam":
+        opt = torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999))
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    return opt
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def _finite(t: Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def first_nonfinite(model: nn.Module, run: Callable[[], None]) -> str:
+    """Re-run ``run`` (a forward + backward of the failing step) with hooks and describe the first
+    non-finite tensor: a parameter, then a module output in forward order, then an output gradient in
+    backward order, then a parameter gradient."""
+    for name, p in model.named_parameters():
+        if not _finite(p):
+            return f"parameter {name!r} {tuple(p.shape)} (non-finite before the step)"
+    found: dict[str, str] = {}
+
+    def on_grad(g: Tensor, name: str) -> None:
+        if "backward" not in found and not _finite(g):
+            found["backward"] = f"gradient of the output of module {name} {tuple(g.shape)} (backward pass)"
+
+    def on_forward(module: nn.Module, _inp: Any, out: Any, name: str) -> None:
+        for t in _tensors(out):
+            if not t.is_floating_point():
+                continue
+            if "forward" not in found and not _finite(t):
+                found["forward"] = f"output of module {name} ({type(module).__name__}) {tuple(t.shape)}"
+            if t.requires_grad:
+                t.register_hook(functools.partial(on_grad, name=name))
+
+    hooks = [m.register_forward_hook(functools.partial(on_forward, name=repr(n) if n else "<model>"))
+             for n, m in model.named_modules()]
+    try:
+        model.zero_grad(set_to_none=True)
+        run()
+    except RuntimeError as err:  # e.g. a backend refusing non-finite input
+        found.setdefault("forward", f"(the re-run raised: {err})")
+    finally:
+        for h in hooks:
+            h.remove()
+    if "forward" in found:
+        return found["forward"]
+    if "backward" in found:
+        return found["backward"]
+    for name, p in model.named_parameters():
+        if p.grad is not None and not _finite(p.grad):
+            return f"gradient of parameter {name!r} {tuple(p.shape)}"
+    return "none found on re-run (the overflow did not reproduce)"
+
+
+class _Run:
+    """One training run's live objects; ``train`` drives it."""
+
+    def __init__(self, config: TrainConfig, model_fn: ModelFn | None) -> None:
+        from unitscale.precision import apply, get_recipe
+
+        config.validate()
+        if model_fn is None:
+            check_names(config)
+        self.recipe = get_recipe(config.precision)
+        self.device = resolve_device(config.device)
+        self.out = Path(config.out_dir)
+        self.ckpt_path = self.out / checkpoint.CHECKPOINT_NAME
+        self.state = checkpoint.load(self.ckpt_path) if config.resume else None
+        if self.state is not None:
+            _check_resumable(config, self.state["config"])
+        vocab = Vocab.from_dict(self.state["vocab"]) if self.state else None
+        self.corpus = load_corpus(config.data, vocab=vocab)
+        self.config = config
+        torch.manual_seed(config.seed)
+        vocab_size = len(self.corpus.vocab)
+        model = model_fn(config, vocab_size) if model_fn else build_model(config, vocab_size)
+        self.model = apply(model.to(self.device), self.recipe)
+        self.lr = config.lr if config.lr is not None else (
+            self.model.default_lr(config.optimizer) if hasattr(self.model, "default_lr") else FALLBACK_LR)
+        self.optimizer = make_optimizer(self.model, config, self.lr)
+        self.sampler = BatchSampler(self.corpus.train, config.batch_size, config.seq_len, config.seed)
+        self.valid = eval_windows(self.corpus.valid, config.eval_windows, config.seq_len)
+        self.test = eval_windows(self.corpus.test, config.eval_windows, config.seq_len)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.step, self.wall, self.ckpt_step = 0, 0.0, None
+        if self.state is not None:
+            self.model.load_state_dict(self.state["model"])
+            self.optimizer.load_state_dict(self.state["optimizer"])
+            self.sampler.load_state_dict(self.state["sampler"])
+            torch.set_rng_state(self.state["rng"]["torch"])
+            if self.device.type == "cuda" and self.state["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(self.state["rng"]["cuda"], self.device)
+            self.step = self.ckpt_step = int(self.state["step"])
+            self.wall = float(self.state.get("wall_s", 0.0))
+        dtype = self.recipe.compute_dtype
+        self.autocast: Callable[[], contextlib.AbstractContextManager] = (
+            contextlib.nullcontext if dtype == torch.float32
+            else functools.partial(torch.autocast, self.device.type, dtype=dtype))
+
+    # one step ---------------------------------------------------------------------------------------------
+    def forward_backward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Loss (nats) after backward; gradients unscaled (÷S) when the recipe has a loss scale S."""
+        with self.autocast():
+            _, loss = self.model(x, y)
+        s = self.recipe.loss_scale
+        (scaled(loss, 1.0, s) if s else loss).backward()
+        if s:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            torch._foreach_mul_(grads, 1.0 / s)
+        return loss.detach().float()
+
+    def grad_norm(self) -> tuple[float, bool]:
+        """(global L2 norm of the gradients, all finite?); clips to ``grad_clip`` when set."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        finite = all(_finite(g) for g in grads)
+        if self.config.grad_clip is not None and finite:
+            return float(torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)), finite
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        return float(norm), finite
+
+    def save(self) -> None:
+        cfg = asdict(self.config)
+        checkpoint.save_atomic({
+            "step": self.step, "config": cfg, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"kind": "warmup_cosine", "warmup": self.config.warmup, "steps": self.config.steps,
+                          "step": self.step},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+            "sampler": self.sampler.state_dict(), "vocab": self.corpus.vocab.to_dict(), "wall_s": self.wall,
+        }, self.ckpt_path)
+        self.ckpt_step = self.step
+
+    def evaluate(self, windows: Tensor) -> float:
+        return evaluate_bpc(self.model, windows, self.config.batch_size, device=self.device,
+                            autocast=self.autocast)
+
+
+def _check_resumable(config: TrainConfig, saved: dict[str, Any]) -> None:
+    now = asdict(config)
+    changed = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
+    if changed:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"--resume with a different configuration ({diff}); only "
+                         f"{', '.join(sorted(RESUME_FREE))} may change")
+
+
+def config_from_checkpoint(out_dir: str | Path) -> TrainConfig:
+    """The TrainConfig saved in ``out_dir``'s checkpoint (for resuming with nothing else given)."""
+    saved = checkpoint.load(Path(out_dir) / checkpoint.CHECKPOINT_NAME)["config"]
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def train(config: TrainConfig, *, model_fn: ModelFn | None = None, on_step: StepHook | None = None
+          ) -> dict[str, Any]:
+    """Train (or resume with ``config.resume``) and return the summary also written to summary.json.
+
+    ``out_dir`` receives metrics.jsonl, checkpoint.pt (atomic, every ``checkpoint_every`` steps and at the
+    end), loss.png and summary.json. ``model_fn(config, vocab_size)`` replaces the model registry (tests);
+    ``on_step(step, model, loss)`` is called after every optimiser step. A non-finite step raises
+    NonFiniteError (or ends the run with status "diverged" when ``stop_on_nonfinite`` is False).
+    """
+    r = _Run(config, model_fn)
+    cfg = r.config
+    log = MetricsLog(r.out / "metrics.jsonl", keep_until_step=r.step if r.state else None)
+    tokens = cfg.batch_size * cfg.seq_len
+    status, error, loss_v, valid_bpc, tps = "finished", None, math.nan, math.nan, math.nan
+    desc = f"{cfg.model}/{cfg.scaling}/{cfg.precision}"
+    try:
+        if r.state is None:
+            valid_bpc = r.evaluate(r.valid)
+            log.write({"event": "eval", "step": 0, "valid_bpc": valid_bpc})
+            with open(r.out / "config.json", "w") as f:
+                json.dump(asdict(cfg), f, indent=1)
+        with TrainProgress(cfg.steps, desc, enabled=not cfg.quiet, start=r.step) as bar:
+            while r.step < cfg.steps:
+                t0 = time.perf_counter()
+                factor = lr_factor(r.step, cfg.warmup, cfg.steps)
+                for g in r.optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                x, y = (t.to(r.device) for t in r.sampler.next())
+                loss = r.forward_backward(x, y)
+                loss_v = float(loss)
+                norm, finite = r.grad_norm()
+                if not (finite and math.isfinite(loss_v)):
+                    status = "diverged"
+                    where = first_nonfinite(r.model, lambda x=x, y=y: r.forward_backward(x, y))
+                    kept = (f"last good checkpoint: {r.ckpt_path} (step {r.ckpt_step})" if r.ckpt_step
+                            else "no checkpoint had been written yet")
+                    error = (f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient'} at step "
+                             f"{r.step + 1} (loss {loss_v}, grad norm {norm}); first non-finite tensor: "
+                             f"{where}; {kept}")
+                    log.write({"event": "nonfinite", "step": r.step + 1, "loss": loss_v, "message": error})
+                    break
+                r.optimizer.step()
+                r.optimizer.zero_grad(set_to_none=True)
+                r.step += 1
+                dt = time.perf_counter() - t0
+                r.wall += dt
+                tps = tokens / dt if math.isnan(tps) else 0.9 * tps + 0.1 * tokens / dt
+                if r.step % cfg.log_every == 0 or r.step == cfg.steps:
+                    log.write({"event": "train", "step": r.step, "loss": loss_v, "lr": r.lr * factor,
+                               "grad_norm": norm, "tokens_per_s": tps, "wall_s": r.wall})
+                if r.step % cfg.eval_every == 0 or r.step == cfg.steps:
+                    valid_bpc = r.evaluate(r.valid)
+                    log.write({"event": "eval", "step": r.step, "valid_bpc": valid_bpc})
+                    bar.update(r.step, valid_bpc=valid_bpc)
+                if r.step % cfg.checkpoint_every == 0 or r.step == cfg.steps:
+                    r.save()
+                bar.update(r.step, tokens_per_s=tps, loss=loss_v)
+                if on_step is not None:
+                    on_step(r.step, r.model, loss_v)
+    finally:
+        log.close()
+    finished = status == "finished"
+    if finished and math.isnan(valid_bpc):  # a resume of a run that had already finished
+        valid_bpc = r.evaluate(r.valid)
+    summary = {
+        "status": status, "step": r.step, "steps": cfg.steps, "final_loss": loss_v if finished else None,
+        "final_train_bpc": bpc(loss_v) if finished else None,
+        "valid_bpc": valid_bpc if finished else None,
+        "test_bpc": r.evaluate(r.test) if finished else None,
+        "lr": r.lr, "tokens_per_s": tps, "wall_s": r.wall,
+        "params": sum(p.numel() for p in r.params), "vocab_size": len(r.corpus.vocab),
+        "data": r.corpus.describe(), "device": str(r.device), "recipe": r.recipe.describe(),
+        "error": error, "config": asdict(cfg),
+    }
+    with open(r.out / "summary.json", "w") as f:
+        json.dump({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()},
+                  f, indent=1)
+    plot_curves([(desc, read_jsonl(r.out / "metrics.jsonl"))], r.out / "loss.png", title=desc)
+    if not cfg.quiet:
+        print_summary(summary, r.out)
+    if error is not None and cfg.stop_on_nonfinite:
+        raise NonFiniteError(error)
+    return summary
+
+
+def print_summary(summary: dict[str, Any], out: Path) -> None:
+    """A short rich table of the run's outcome."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
+
+    t = Table(title=f"run {out}", show_header=False)
+    for key in ("status", "step", "final_loss", "valid_bpc", "test_bpc", "lr", "tokens_per_s", "wall_s",
+                "params", "recipe", "data"):
+        t.add_row(key, fmt(summary.get(key)))
+    if summary.get("error"):
+        t.add_row("error", summary["error"])
+    t.add_row("files", f"{out}/metrics.jsonl, checkpoint.pt, loss.png, summary.json")
+    Console().print(t)

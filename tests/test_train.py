@@ -1,0 +1,231 @@
+"""Training loop: schedule, determinism, exact resume, non-finite stop, atomic checkpoints, outputs.
+
+A tiny stand-in model with the registry contract (``model(idx, targets) -> (logits, loss)``) keeps every
+run to a fraction of a second; one test uses the real registry model when it is importable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unitscale.train import checkpoint
+from unitscale.train.loop import NonFiniteError, TrainConfig, lr_factor, train
+from unitscale.train.metrics import bpc, evaluate_bpc, read_jsonl
+
+
+class TinyLM(nn.Module):
+    """Embedding -> Linear -> ReLU -> Linear readout; mean CE in nats."""
+
+    def __init__(self, vocab_size: int, d: int = 16) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, d)
+        self.hidden = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab_size)
+
+    def forward(self, idx, targets=None):
+        logits = self.head(torch.relu(self.hidden(self.tok(idx))))
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def tiny(config: TrainConfig, vocab_size: int) -> nn.Module:
+    return TinyLM(vocab_size)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(0)
+    words = ["unit", "scaling", "keeps", "tensors", "near", "one", "so", "fp8", "works", "the", "a"]
+    text = " ".join(rng.choice(words) for _ in range(6000))
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(text)
+    return path
+
+
+def cfg(tmp_path, text_file, name="run", **kw) -> TrainConfig:
+    base = dict(model="tiny", precision="fp32", optimizer="adamw", lr=1e-2, warmup=3, steps=12, batch_size=4,
+                seq_len=16, eval_every=4, eval_windows=8, checkpoint_every=4, log_every=1, seed=0,
+                data=str(text_file), out_dir=str(tmp_path / name), quiet=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def params(run_dir) -> dict[str, torch.Tensor]:
+    return checkpoint.load(run_dir / "checkpoint.pt")["model"]
+
+
+@pytest.mark.parametrize(("warmup", "steps"), [(0, 10), (3, 10), (10, 10), (5, 100)])
+def test_lr_factor_matches_formula(warmup, steps):
+    for s in range(steps):
+        expected = (s + 1) / warmup if s < warmup else (
+            0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))) if steps > warmup else 1.0)
+        assert lr_factor(s, warmup, steps) == pytest.approx(expected, rel=1e-15, abs=0)
+    if warmup:
+        assert lr_factor(warmup - 1, warmup, steps) == 1.0
+    assert lr_factor(steps - 1, warmup, steps) < 1.0 or warmup >= steps - 1
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+def test_two_identical_runs_match_exactly(tmp_path, text_file, optimizer):
+    a = train(cfg(tmp_path, text_file, "a", optimizer=optimizer), model_fn=tiny)
+    b = train(cfg(tmp_path, text_file, "b", optimizer=optimizer), model_fn=tiny)
+    assert a["status"] == b["status"] == "finished"
+    assert math.isfinite(a["final_loss"]) and a["final_loss"] == b["final_loss"]
+    assert a["valid_bpc"] == b["valid_bpc"]
+    pa, pb = params(tmp_path / "a"), params(tmp_path / "b")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    c = train(cfg(tmp_path, text_file, "c", optimizer=optimizer, seed=1), model_fn=tiny)
+    assert c["final_loss"] != a["final_loss"]  # the seed matters, so the equality above is not vacuous
+
+
+@pytest.mark.parametrize(("optimizer", "precision", "interrupt_at"), [
+    ("adamw", "fp32", 6),   # interrupted 2 steps after the step-4 checkpoint: those 2 steps are redone
+    ("sgd", "fp32", 4),     # interrupted right after a checkpoint
+    ("adam", "bf16", 9),    # autocast path
+])
+def test_resume_is_exact(tmp_path, text_file, optimizer, precision, interrupt_at):
+    full = train(cfg(tmp_path, text_file, "full", optimizer=optimizer, precision=precision), model_fn=tiny)
+
+    def interrupt(step, model, loss):
+        if step == interrupt_at:
+            raise KeyboardInterrupt
+
+    part = cfg(tmp_path, text_file, "part", optimizer=optimizer, precision=precision)
+    with pytest.raises(KeyboardInterrupt):
+        train(part, model_fn=tiny, on_step=interrupt)
+    assert checkpoint.load(tmp_path / "part" / "checkpoint.pt")["step"] == 4 * (interrupt_at // 4)
+    resumed = train(cfg(tmp_path, text_file, "part", optimizer=optimizer, precision=precision, resume=True),
+                    model_fn=tiny)
+    assert resumed["final_loss"] == full["final_loss"]
+    assert resumed["valid_bpc"] == full["valid_bpc"] and resumed["test_bpc"] == full["test_bpc"]
+    pf, pr = params(tmp_path / "full"), params(tmp_path / "part")
+    assert all(torch.equal(pf[k], pr[k]) for k in pf)
+    # the metrics log of the resumed run equals the uninterrupted one, apart from wall-clock fields
+    strip = [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")}
+             for r in read_jsonl(tmp_path / "part" / "metrics.jsonl")]
+    assert strip == [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")}
+                     for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
+
+
+def test_resume_rejects_changed_config_and_missing_checkpoint(tmp_path, text_file):
+    train(cfg(tmp_path, text_file, "r", steps=4), model_fn=tiny)
+    with pytest.raises(ValueError, match=r"lr: 0\.01 -> 0\.02"):
+        train(cfg(tmp_path, text_file, "r", steps=4, lr=2e-2, resume=True), model_fn=tiny)
+    with pytest.raises(FileNotFoundError, match="drop --resume"):
+        train(cfg(tmp_path, text_file, "nothing", resume=True), model_fn=tiny)
+
+
+def test_nonfinite_stops_names_step_and_tensor_and_keeps_checkpoint(tmp_path, text_file):
+    def corrupt(step, model, loss):
+        if step == 5:  # after the step-4 checkpoint: step 6's forward overflows in `hidden`
+            with torch.no_grad():
+                model.hidden.weight.mul_(1e38)
+                model.hidden.bias.fill_(3e38)
+
+    c = cfg(tmp_path, text_file, "nan")
+    with pytest.raises(NonFiniteError) as err:
+        train(c, model_fn=tiny, on_step=corrupt)
+    msg = str(err.value)
+    assert "step 6" in msg and "'hidden'" in msg and "step 4" in msg, msg
+    saved = checkpoint.load(tmp_path / "nan" / "checkpoint.pt")
+    assert saved["step"] == 4 and all(torch.isfinite(v).all() for v in saved["model"].values())
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["valid_bpc"] is None and "step 6" in summary["error"]
+    # sweep mode: no exception, same diagnosis in the summary
+    out = train(cfg(tmp_path, text_file, "nan2", stop_on_nonfinite=False), model_fn=tiny, on_step=corrupt)
+    assert out["status"] == "diverged" and "'hidden'" in out["error"]
+
+
+def test_gradient_overflow_is_named(tmp_path, text_file):
+    """A finite forward with an overflowing backward: the diagnosis names a gradient."""
+
+    class GradBomb(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("inf")
+
+    class BombLM(TinyLM):
+        def forward(self, idx, targets=None):
+            logits = self.head(GradBomb.apply(torch.relu(self.hidden(self.tok(idx)))))
+            loss = None if targets is None else F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                targets.reshape(-1))
+            return logits, loss
+
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient at step 1.*gradient of .*'hidden'"):
+        train(cfg(tmp_path, text_file, "bomb"), model_fn=lambda c, v: BombLM(v))
+    assert not (tmp_path / "bomb" / "checkpoint.pt").exists()
+
+
+def test_outputs_written(tmp_path, text_file):
+    s = train(cfg(tmp_path, text_file, "out"), model_fn=tiny)
+    d = tmp_path / "out"
+    for name in ("metrics.jsonl", "checkpoint.pt", "loss.png", "summary.json", "config.json"):
+        assert (d / name).is_file(), name
+    rows = read_jsonl(d / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["event"] == "train"] == list(range(1, 13))
+    assert [r["step"] for r in rows if r["event"] == "eval"] == [0, 4, 8, 12]
+    assert rows[-1]["valid_bpc"] == s["valid_bpc"]
+    assert (d / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(d.glob(".*.tmp"))  # no temp files left behind by the atomic writes
+    saved = checkpoint.load(d / "checkpoint.pt")
+    assert {"model", "optimizer", "scheduler", "rng", "sampler", "vocab", "config", "step"} <= set(saved)
+
+
+def test_evaluate_bpc_against_float64_reference():
+    torch.manual_seed(0)
+    model = TinyLM(11).double()
+    windows = torch.randint(0, 11, (5, 9))
+    got = evaluate_bpc(model, windows, batch_size=2)
+    with torch.no_grad():
+        logits, _ = model(windows[:, :-1])
+    ref = -torch.log_softmax(logits, -1).gather(-1, windows[:, 1:, None]).mean() / math.log(2)
+    assert got == pytest.approx(float(ref), rel=1e-6)
+    assert bpc(math.log(2)) == 1.0
+
+
+def test_loss_scale_unscales_gradients(tmp_path, text_file, monkeypatch):
+    """A static loss scale S is exact for power-of-two S: same trajectory as no scaling in fp32."""
+    import unitscale.precision as P
+
+    plain = train(cfg(tmp_path, text_file, "ls0"), model_fn=tiny)
+    scaled_recipe = P.Recipe(name="fp32-ls", loss_scale=1024.0)
+    orig = P.get_recipe
+    monkeypatch.setattr(P, "get_recipe", lambda name: scaled_recipe if name == "fp32-ls" else orig(name))
+    ls = train(cfg(tmp_path, text_file, "ls1", precision="fp32-ls"), model_fn=tiny)
+    assert ls["final_loss"] == plain["final_loss"]
+    pa, pb = params(tmp_path / "ls0"), params(tmp_path / "ls1")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("optimizer", "lamb", "accepted: adamw, adam, sgd"),
+    ("scaling", "half", "accepted: unit, standard"),
+    ("steps", 0, "steps must be a positive integer"),
+    ("lr", -1.0, "lr must be a positive number"),
+    ("grad_clip", 0.0, "grad_clip must be positive"),
+    ("precision", "fp7", "unknown recipe 'fp7'; accepted: fp32"),
+    ("device", "tpu", "unknown device 'tpu'"),
+])
+def test_bad_config_errors(tmp_path, text_file, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        train(cfg(tmp_path, text_file, "bad", **{field: value}), model_fn=tiny)
+
+
+def test_real_model_runs_and_unknown_model_lists_names(tmp_path, text_file):
+    models = pytest.importorskip("unitscale.models", reason="unitscale.models not importable yet")
+    with pytest.raises(ValueError, match="unknown model 'gpt9'; accepted: " + ", ".join(models.MODEL_NAMES)):
+        train(cfg(tmp_path, text_file, "g9", model="gpt9"))
+    s = train(cfg(tmp_path, text_file, "gpt", model="gpt", precision="fp8", steps=3, lr=None,
+                  model_overrides={"d_model": 16, "n_layers": 1, "n_heads": 2}))
+    assert s["status"] == "finished" and math.isfinite(s["valid_bpc"])
