@@ -84,7 +84,7 @@ class TrainConfig:
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number (or None for the model's default), got {self.lr!r}")
+            raise ValueError(f"lr must be a positive number (None: the model's default), got {self.lr!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None (off), got {self.grad_clip!r}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
@@ -386,8 +386,8 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None, on_step: Step
         "error": error, "config": asdict(cfg),
     }
     with open(r.out / "summary.json", "w") as f:
-        json.dump({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()},
-                  f, indent=1)
+        json.dump({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                   for k, v in summary.items()}, f, indent=1)
     plot_curves([(desc, read_jsonl(r.out / "metrics.jsonl"))], r.out / "loss.png", title=desc)
     if not cfg.quiet:
         print_summary(summary, r.out)

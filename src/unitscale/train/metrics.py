@@ -154,7 +154,8 @@ def plot_curves(
     for k, (label, records) in enumerate(runs):
         records = list(records)
         style = {"color": f"C{k}", **(styles[k] if styles else {})}
-        train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train" and r.get("loss") is not None]
+        train = [(r["step"], r["loss"]) for r in records
+                 if r.get("event") == "train" and r.get("loss") is not None]
         evals = [(r["step"], r["valid_bpc"]) for r in records
                  if r.get("event") == "eval" and r.get("valid_bpc") is not None]
         if train:
