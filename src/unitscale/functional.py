@@ -91,7 +91,7 @@ def linear(
     grad_rows: float | None = None,
     precision: Any = None,
 ) -> Tensor:
-    """Scaled x Wᵀ + c, weight (out, in) as in torch.
+    """Scaled alpha·x Wᵀ + c, weight (out, in) as in torch (the bias is added after the scale).
 
     alpha = in^-½, beta_input = out^-½, beta_weight = beta_bias = b^-½ with b = numel(input)/in or
     ``grad_rows``. The input is constrained (gmean: alpha = beta_input = (in·out)^-¼); weight, bias cut.
@@ -108,7 +108,7 @@ def linear_readout(
     grad_rows: float | None = None,
     precision: Any = None,
 ) -> Tensor:
-    """Linear after the last residual block (all edges cut): alpha = in^-½, beta_input = out^-½,
+    """alpha·x Wᵀ + c after the last residual block (all edges cut): alpha = in^-½, beta_input = out^-½,
     beta_weight = beta_bias = b^-½, unconstrained."""
     return _linear(input, weight, bias, rules.readout_rule, None, grad_rows, precision)
 
@@ -246,7 +246,9 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, reduction, beta, divisor):  # type: ignore[override]
         v = logits.shape[-1]
-        logp = torch.log_softmax(logits.reshape(-1, v).float(), dim=-1)
+        # Half-precision logits are normalised in float32; float32/float64 stay as they are.
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        logp = torch.log_softmax(logits.reshape(-1, v), dim=-1, dtype=compute)
         t = target.reshape(-1)
         valid = t != ignore_index
         safe = torch.where(valid, t, torch.zeros_like(t))
@@ -454,7 +456,8 @@ def scaled_dot_product_attention(
             if attn_mask.dtype == torch.bool
             else logits + attn_mask
         )
-    probs = torch.softmax(logits.float(), dim=-1).to(value.dtype)
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    probs = torch.softmax(logits, dim=-1, dtype=compute).to(value.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return precision.matmul(probs, value, alpha=f, beta_b=f)
