@@ -28,6 +28,8 @@ WEIGHT_GRAD_EXPONENT = 0.5
 """Default exponent e of the weight/bias gradient factor rows^-e (paper: ½; US-2023: ¾; TF demo: 1)."""
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
+TABLE_DOC_PATH = "docs/ops.md"
+"""Where the generated compendium lives, relative to the repository root."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ def _torch_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 @lru_cache(maxsize=256)
+@torch.compiler.assume_constant_result  # pure function of Python constants: torch.compile evaluates it once
 def activation_constants(name: str, mult: float = 1.0) -> tuple[float, float]:
     """(alpha, beta) of g(x) = f(mult·x)/mult for x ~ N(0, 1), by Gaussian quadrature in float64.
 
@@ -453,6 +456,6 @@ if __name__ == "__main__":
     import sys
     from pathlib import Path
 
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("docs/ops.md")
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(TABLE_DOC_PATH)
     target.write_text(render_ops_markdown(), encoding="utf-8")
     print(f"wrote {target}")
