@@ -82,3 +82,15 @@ def resolve(
     for name in constrained:
         out[name] = shared
     return shared, out
+
+
+def shared(param: Tensor, uses: int) -> Tensor:
+    """A parameter used by ``uses`` ops (e.g. a tied embedding/readout table), seen by one of them.
+
+    Its gradient is the sum of one unit-scaled contribution per use, so σ grows as √uses; each use
+    scales its contribution by uses^-½ (REFERENCE §2, shared parameters). Weight edges are cut, so this
+    choice never breaks a constraint.
+    """
+    if isinstance(uses, bool) or not isinstance(uses, int) or uses < 1:
+        raise ValueError(f"a shared parameter needs uses >= 1, got uses={uses!r}")
+    return scaled(param, 1.0, uses**-0.5)

@@ -23,6 +23,7 @@ import unitscale.nn as unn
 from unitscale.models import _standard as S
 from unitscale.precision.backend import EXACT
 from unitscale.rules import linear_rule
+from unitscale.scale import shared
 
 MIXERS = ("attention", "conv", "rnn")
 SCALINGS = ("unit", "standard")
@@ -56,6 +57,7 @@ class CharLMConfig:
     conv_kernel: int = 7
     conv_groups: int = 8
     rnn_gate_bias: float = -1.0
+    tie_embeddings: bool = False  # readout shares the token table (its gradient sums both uses)
     init_std: float = 0.02  # standard scaling only
     extra: dict = field(default_factory=dict)
 
@@ -186,6 +188,25 @@ class FFN(nn.Module):
         return self.down(act(self.up(x)))
 
 
+class TiedReadout(nn.Module):
+    """The readout of a model whose token table doubles as the output projection.
+
+    The table reaches it as an argument, so it is stored once; the matmul runs through ``self.precision``.
+    Unit scaling: the table's gradient sums two unit-scaled uses, each scaled by 2^-½ (``scale.shared``).
+    """
+
+    matmul_kind = "linear"
+
+    def __init__(self, cfg: CharLMConfig) -> None:
+        super().__init__()
+        self.unit, self.precision = cfg.unit, None
+
+    def forward(self, x: Tensor, table: Tensor) -> Tensor:
+        if self.unit:
+            return U.linear_readout(x, shared(table, 2), precision=self.precision)
+        return (self.precision or EXACT).linear(x, table)
+
+
 _MIXER_CLASSES = {"attention": Attention, "conv": CausalConv, "rnn": HighwayRNN}
 
 
@@ -222,7 +243,10 @@ class CharLM(nn.Module):
                 blocks.append(Residual(cfg, body, self._tau(2 * layer + j, mixer=j == 0)))
         self.blocks = nn.ModuleList(blocks)
         self.norm = _norm(cfg) if cfg.norm == "pre" else nn.Identity()
-        self.lm_head = _linear(cfg, cfg.d_model, cfg.vocab_size, readout=True)
+        if cfg.tie_embeddings:
+            self.lm_head: nn.Module = TiedReadout(cfg)
+        else:
+            self.lm_head = _linear(cfg, cfg.d_model, cfg.vocab_size, readout=True)
         if not cfg.unit:
             self._standard_init()
 
@@ -244,17 +268,26 @@ class CharLM(nn.Module):
         b, t = idx.shape
         if t > self.cfg.seq_len and self.pos is not None:
             raise ValueError(f"sequence length {t} exceeds the model's seq_len={self.cfg.seq_len}")
-        x = self.tok(idx)
+        x = self._embed(idx)
         if self.pos is not None:
             pos = self.pos(torch.arange(t, device=idx.device)).unsqueeze(0).expand(b, t, -1)
             x = U.weighted_add(x, pos, math.sqrt(0.5), math.sqrt(0.5)) if self.cfg.unit else x + pos
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.norm(x))
+        logits = self._readout(self.norm(x))
         if targets is None:
             return logits, None
         ce = U.cross_entropy if self.cfg.unit else F.cross_entropy
         return logits, ce(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def _embed(self, idx: Tensor) -> Tensor:
+        if not self.cfg.tie_embeddings:
+            return self.tok(idx)
+        table = shared(self.tok.weight, 2) if self.cfg.unit else self.tok.weight
+        return U.embedding(idx, table) if self.cfg.unit else F.embedding(idx, table)
+
+    def _readout(self, x: Tensor) -> Tensor:
+        return self.lm_head(x, self.tok.weight) if self.cfg.tie_embeddings else self.lm_head(x)
 
     def default_lr(self, optimizer: str) -> float:
         """Starting LR per optimiser (REFERENCE §4.1 median best LRs: unit AdamW 2⁻⁶, regular 2⁻¹⁰)."""
