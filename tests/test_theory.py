@@ -57,7 +57,7 @@ def test_scaled_gradient_is_parallel_to_true_gradient_per_parameter(name: str, o
     model = build(name, vocab_size=VOCAB, scaling="unit", **kw).double()
     idx = torch.randint(0, VOCAB, (2, 12))
     checked = 0
-    for pname, p in model.named_parameters():
+    for pname, _ in model.named_parameters():
         r = _direction_ratios(model, idx, pname)
         assert torch.isfinite(r).all() and (r > 0).all(), (pname, r)
         spread = (r.max() - r.min()) / r.abs().mean()
