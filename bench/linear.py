@@ -25,6 +25,7 @@ from _common import environment, optional_module, require_cuda, table, time_cuda
 
 SHAPES = ((16384, 4096, 4096), (16384, 4096, 14336), (8192, 8192, 8192), (4096, 2048, 2048),
           (2048, 1024, 1024))
+DEVICE = "cuda"
 VARIANTS = ("bf16", "torchao-tensorwise", "torchao-rowwise", "ours", "ours+rule")
 
 
@@ -38,7 +39,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 def build(variant: str, k: int, n: int) -> tuple[nn.Module | None, str]:
     """The module for ``variant`` (bf16 weights on CUDA) or (None, why it cannot run)."""
-    base = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    base = nn.Linear(k, n, bias=False, device=DEVICE, dtype=torch.bfloat16)
     if variant == "bf16":
         return base, ""
     if variant.startswith("torchao"):
@@ -58,9 +59,9 @@ def build(variant: str, k: int, n: int) -> tuple[nn.Module | None, str]:
 
 def bench_shape(m: int, k: int, n: int, variants: list[str], warmup: int, iters: int) -> dict:
     torch._dynamo.reset()  # a fresh cache per shape: no recompile limit, no stale specialisations
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
-    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    dy = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16, generator=gen)
     out: dict = {"shape": [m, k, n], "variants": {}}
     reference = None
     for variant in variants:
@@ -70,8 +71,8 @@ def bench_shape(m: int, k: int, n: int, variants: list[str], warmup: int, iters:
             continue
         with torch.no_grad():  # the same weights for every variant
             weight = next(module.parameters())
-            weight.copy_(torch.randn(n, k, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-                         * k ** -0.5)
+            w_gen = torch.Generator(DEVICE).manual_seed(1)
+            weight.copy_(torch.randn(n, k, device=DEVICE, generator=w_gen) * k ** -0.5)
         compiled = torch.compile(module)
 
         def step(compiled=compiled, module=module):
@@ -85,7 +86,7 @@ def bench_shape(m: int, k: int, n: int, variants: list[str], warmup: int, iters:
         except Exception as err:  # one failing variant must not lose the others' numbers
             out["variants"][variant] = {"status": f"failed: {type(err).__name__}: {err}"[:300]}
             continue
-        y = compiled(x).float()
+        y = compiled(x).detach().float()
         if reference is None:
             reference = y
         rel = float((y - reference).norm() / reference.norm())
