@@ -237,11 +237,6 @@ def test_errors(call, match):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    raises=torch._dynamo.exc.Unsupported,
-    strict=True,
-    reason="precision/backend.py _gemm calls torch.result_type (a graph break); torch.promote_types fixes it",
-)
 def test_compile_fullgraph_forward_backward():
     torch.manual_seed(0)
     layer = unn.TransformerLayer(32, 4, 64, dropout=0.0)

@@ -25,7 +25,7 @@ def _gemm(a: Tensor, b: Tensor, scale: float) -> Tensor:
     """scale · (a @ b) with the scale in the GEMM epilogue (2-D operands)."""
     if scale == 1.0:
         return torch.mm(a, b)
-    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.result_type(a, b), device=a.device)
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
     return torch.addmm(out, a, b, beta=0, alpha=scale)
 
 
