@@ -64,6 +64,7 @@ class TrainConfig:
     grad_clip: float | None = None
     device: str = "cpu"
     data: str = "wiki"
+    vocab_min_count: int = 1  # characters rarer than this in train map to the unknown id
     out_dir: str = "runs/train"
     resume: bool = False
     quiet: bool = False
@@ -77,7 +78,7 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every",
-                     "log_every"):
+                     "log_every", "vocab_min_count"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -228,7 +229,7 @@ class _Run:
         if self.state is not None:
             _check_resumable(config, self.state["config"])
         vocab = Vocab.from_dict(self.state["vocab"]) if self.state else None
-        self.corpus = load_corpus(config.data, vocab=vocab)
+        self.corpus = load_corpus(config.data, min_count=config.vocab_min_count, vocab=vocab)
         self.config = config
         torch.manual_seed(config.seed)
         vocab_size = len(self.corpus.vocab)
