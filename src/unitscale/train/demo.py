@@ -63,7 +63,8 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 150, data: str = "wi
     styles = [{"color": "C3" if r.scaling == "standard" else "C0", "ls": "-" if r.precision == "fp8" else ":"}
               for r in runs]
     plot_curves([(r.name, read_jsonl(out / r.name / "metrics.jsonl")) for r in runs], out / "demo.png",
-                title="char-LM, simulated FP8 (E4M3 fwd / E5M2 grad): standard vs unit scaling", styles=styles)
+                title="char-LM, simulated FP8 (E4M3 fwd / E5M2 grad): standard vs unit scaling",
+                styles=styles)
     (out / "demo.md").write_text(report(summaries))
     return summaries
 

@@ -1,0 +1,85 @@
+"""`unitscale train`: train a char-LM (any model, scaling and precision recipe), resumable."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+NAME = "train"
+HELP = "train a char-LM on Wikipedia or a text file: metrics JSONL, checkpoints, loss plot, summary"
+
+# CLI flag -> TrainConfig field, for the options that map one to one (defaults None: "not given").
+_FIELDS = ("model", "scaling", "precision", "optimizer", "lr", "momentum", "weight_decay", "warmup", "steps",
+           "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every", "log_every", "seed",
+           "grad_clip", "device", "data", "vocab_min_count")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from unitscale.train.loop import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--model", help=f"model name (default {d.model}); see unitscale.models.MODEL_NAMES")
+    p.add_argument("--scaling", help=f"unit | standard (default {d.scaling})")
+    p.add_argument("--precision", help=f"recipe name (default {d.precision}); see unitscale.precision")
+    p.add_argument("--optimizer", help=f"adamw | adam | sgd (default {d.optimizer})")
+    p.add_argument("--lr", type=float, help="base LR (default: the model's own default for the optimiser)")
+    for name, typ in (("momentum", float), ("weight_decay", float), ("warmup", int), ("steps", int),
+                      ("batch_size", int), ("seq_len", int), ("eval_every", int), ("eval_windows", int),
+                      ("checkpoint_every", int), ("log_every", int), ("seed", int), ("vocab_min_count", int)):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ,
+                       help=f"default {getattr(d, name)}")
+    p.add_argument("--grad-clip", dest="grad_clip", type=float, help="clip the grad norm (default off)")
+    p.add_argument("--device", help=f"cpu | cuda | auto (default {d.device})")
+    p.add_argument("--data", help="'wiki' (default) or a path to a plain UTF-8 text file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="model option, e.g. --set d_model=256 --set n_layers=8 (repeatable)")
+    p.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt with its saved config (--steps may extend it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
+
+
+def _parse_value(text: str) -> object:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. d_model=256")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def config_from_args(args: argparse.Namespace):  # -> TrainConfig
+    from unitscale.train.loop import TrainConfig, config_from_checkpoint
+
+    cfg = config_from_checkpoint(args.out) if args.resume else TrainConfig()
+    given = {k: getattr(args, k) for k in _FIELDS if getattr(args, k) is not None}
+    overrides = parse_overrides(args.overrides)
+    if overrides:
+        given["model_overrides"] = {**cfg.model_overrides, **overrides}
+    return dataclasses.replace(cfg, **given, out_dir=args.out, resume=args.resume, quiet=args.quiet)
+
+
+def run(args: argparse.Namespace) -> int:
+    from unitscale.train.loop import NonFiniteError, train
+
+    cfg = config_from_args(args)
+    try:
+        summary = train(cfg)
+    except NonFiniteError as err:
+        print(f"unitscale train: stopped: {err}", file=sys.stderr)
+        return 1
+    if args.quiet:
+        print(f"{summary['status']}: step {summary['step']}, valid BPC {summary['valid_bpc']}, "
+              f"test BPC {summary['test_bpc']} ({args.out}/summary.json)")
+    return 0
