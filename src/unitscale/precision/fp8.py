@@ -46,17 +46,30 @@ GEMM_ALIGN = 16  # _scaled_mm on Hopper: every GEMM dimension a multiple of 16
 
 def fp8_supported(device: torch.device | str | None = None) -> bool:
     """True where ``torch._scaled_mm`` runs FP8: CPU (torch ≥ 2.13, reference speed) or CUDA with sm_89+."""
-    if not hasattr(torch, "_scaled_mm"):
-        return False
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
-    return device.type == "cpu"
+    return _supported(device.type, device.index)
+
+
+@torch.compiler.assume_constant_result  # a device property: torch.compile evaluates it once, no graph break
+def _supported(device_type: str, index: int | None) -> bool:
+    key = (device_type, index)
+    if key not in _SUPPORT:
+        if not hasattr(torch, "_scaled_mm"):
+            _SUPPORT[key] = False
+        elif device_type == "cuda":
+            ok = torch.cuda.is_available()
+            _SUPPORT[key] = ok and torch.cuda.get_device_capability(index) >= (8, 9)
+        else:
+            _SUPPORT[key] = device_type == "cpu"
+    return _SUPPORT[key]
+
+
+_SUPPORT: dict[tuple[str, int | None], bool] = {}
 
 
 @dataclass(frozen=True)
 class Dispatch:
-    """Which linears run in FP8: M ≥ min_m, K ≥ min_k, N ≥ min_n, and M, K, N multiples of 16.
+    """Which linears run in FP8: M ≥ min_m, K ≥ min_k, N ≥ min_n, and M, K, N positive multiples of 16.
 
     Everything else runs in the compute dtype. M (rows = tokens) is only known per call; the rule reads
     static shapes, so torch.compile specialises on it instead of breaking the graph. The default is
@@ -81,7 +94,7 @@ class Dispatch:
 
     def use_fp8(self, m: int, k: int, n: int) -> bool:
         aligned = m % GEMM_ALIGN == 0 and k % GEMM_ALIGN == 0 and n % GEMM_ALIGN == 0
-        return aligned and m >= self.min_m and k >= self.min_k and n >= self.min_n
+        return aligned and min(m, k, n) > 0 and m >= self.min_m and k >= self.min_k and n >= self.min_n
 
 
 def check_pow2(name: str, value: float) -> float:
