@@ -270,7 +270,8 @@ class CharLM(nn.Module):
             raise ValueError(f"sequence length {t} exceeds the model's seq_len={self.cfg.seq_len}")
         x = self._embed(idx)
         if self.pos is not None:
-            pos = self.pos(torch.arange(t, device=idx.device)).unsqueeze(0).expand(b, t, -1)
+            # Look up every (batch, position) so the embedding rule sees all b·t uses of the table.
+            pos = self.pos(torch.arange(t, device=idx.device).expand(b, t))
             x = U.weighted_add(x, pos, math.sqrt(0.5), math.sqrt(0.5)) if self.cfg.unit else x + pos
         for block in self.blocks:
             x = block(x)
