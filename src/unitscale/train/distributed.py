@@ -47,7 +47,8 @@ def setup(parallel: str, device: torch.device) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if parallel == "none":
         if world > 1:
-            raise ValueError(f"launched with WORLD_SIZE={world} but --parallel none; pass --parallel ddp|fsdp")
+            raise ValueError(f"launched with WORLD_SIZE={world} but --parallel none; "
+                             "pass --parallel ddp or fsdp")
         return Dist(), device
     if "RANK" not in os.environ and not dist.is_initialized():
         raise ValueError(f"--parallel {parallel} needs a torchrun launch (RANK/WORLD_SIZE unset), e.g. "
