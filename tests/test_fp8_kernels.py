@@ -48,6 +48,23 @@ def test_layouts_and_masks(shape, dtype, src_dtype):
     assert torch.equal(bits(col), bits(ref.t().contiguous()))
 
 
+@pytest.mark.parametrize("round_to", [torch.bfloat16, torch.float16, torch.float32])
+def test_round_to_path(round_to):
+    # Values on the E4M3 grid are also on the bf16/fp16 grids: the pre-rounding must leave them alone.
+    t = representable((65, 33), E4, 2.0 ** -4, seed=4)
+    row, col = cast_transpose(t, torch.tensor([16.0]), E4, round_to=round_to)
+    assert torch.equal(bits(row), bits((t * 16).to(E4)))
+    assert torch.equal(bits(col), bits(row.t().contiguous()))
+
+
+def test_round_to_happens_before_the_scale():
+    # 2^16 overflows fp16 (max 65504): rounded first it is inf, saturated to 448; unrounded, 2^16·2^-10 = 64.
+    t = torch.full((3, 5), 2.0 ** 16)
+    inv = torch.tensor([2.0 ** -10])
+    assert cast_transpose(t, inv, E4, round_to=torch.float16)[0].float().unique().tolist() == [448.0]
+    assert cast_transpose(t, inv, E4)[0].float().unique().tolist() == [64.0]
+
+
 def test_strided_input():
     base = representable((40, 90), E4, 1.0, seed=1)
     t = base.t()  # [90, 40] with strides (1, 90)
@@ -86,8 +103,9 @@ def test_empty_input():
      ((torch.ones(4, 4, 4), torch.ones(1), E4), "2-D"),
      ((torch.ones(4, 4, dtype=torch.float64), torch.ones(1), E4), "float64"),
      ((torch.ones(4, 4), torch.ones(2), E4), "inv_scale"),
+     ((torch.ones(4, 4), torch.ones(1), E4, torch.float64), "round_to"),
      ((torch.ones(4, 4), torch.ones(1, dtype=torch.float64), E4), "inv_scale")],
 )
 def test_errors(args, match):
     with pytest.raises(ValueError, match=match):
-        cast_transpose(*args)
+        cast_transpose(*args[:3], round_to=args[3] if len(args) > 3 else None)

@@ -34,7 +34,7 @@ TRITON_AVAILABLE = triton is not None
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 BLOCK_R = 64
 BLOCK_C = 64
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if tl else {}
+_ROUND_CODES = {None: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # ROUND_TO constexpr
 
 
 def _cast_transpose_body(
@@ -44,13 +44,22 @@ def _cast_transpose_body(
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    # int64 offsets: R·C may exceed 2^31 for the largest activations.
+    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     x = tl.load(src + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
-    x = x.to(ROUND_TO).to(tl.float32) * tl.load(inv_scale_ptr)
+    x = x.to(tl.float32)
+    if ROUND_TO == 1:
+        x = x.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
+    elif ROUND_TO == 2:
+        x = x.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
+    x = x * tl.load(inv_scale_ptr)
     x = tl.clamp(x, -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL)
-    q = x.to(tl.float8e4nv) if E4M3 else x.to(tl.float8e5)
+    if E4M3:
+        q = x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    else:
+        q = x.to(tl.float8e5, fp_downcast_rounding="rtne")
     if WRITE_ROW:
         tl.store(out_row + rows[:, None] * C + cols[None, :], q, mask=mask)
     if WRITE_COL:
@@ -95,7 +104,7 @@ def cast_transpose(
         raise ValueError(f"cast_transpose: input dtype {t.dtype} not supported; accepted: fp32, bf16, fp16")
     if inv_scale.numel() != 1 or inv_scale.dtype != torch.float32 or inv_scale.device != t.device:
         raise ValueError("cast_transpose: inv_scale must be a one-element float32 tensor on t's device")
-    if round_to is not None and round_to not in _TL_DTYPES:
+    if round_to not in _ROUND_CODES:
         raise ValueError(f"cast_transpose: round_to {round_to} not supported; accepted: bf16, fp16, fp32")
     R, C = t.shape
     row = torch.empty((R, C), dtype=dtype, device=t.device) if write_row else None
@@ -108,7 +117,7 @@ def cast_transpose(
     _kernel(_interpreting())[grid](
         t, inv_scale, row if row is not None else dummy, col if col is not None else dummy,
         R, C, t.stride(0), t.stride(1), float(torch.finfo(dtype).max),
-        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROUND_TO=_TL_DTYPES[round_to or torch.float32],
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROUND_TO=_ROUND_CODES[round_to],
         E4M3=dtype == torch.float8_e4m3fn, WRITE_ROW=write_row, WRITE_COL=write_col,
     )
     return row, col
