@@ -298,6 +298,9 @@ def test_fp8_backend_for_recipe():
     be = fp8_backend_for(nn.Linear(4, 4), Recipe.fp8(backend="fp8"))
     assert isinstance(be, Fp8Backend) and be is fp8_backend_for(nn.Linear(8, 8), Recipe.fp8(backend="fp8"))
     assert be.formats == {"weight": E4, "activation": E4, "grad": E5} and be.dispatch == Dispatch()
+    assert be.grad_scale == 1.0
+    assert fp8_backend_for(nn.Linear(4, 4), Recipe.fp8(backend="fp8", loss_scale=2048.0)).grad_scale == 2048.0
+    assert fp8_backend_for(nn.Linear(4, 4), Recipe.fp8(backend="fp8", loss_scale=1000.0)).grad_scale == 1024.0
     with pytest.raises(ValueError, match="fp8_e4a"):
         fp8_backend_for(nn.Linear(4, 4), Recipe.fp8(backend="fp8", variant="a"))
     with pytest.raises(ValueError, match="stochastic"):

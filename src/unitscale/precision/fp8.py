@@ -362,15 +362,16 @@ def _fp8_dtype(role: str, name: str) -> torch.dtype:
 
 
 @cache
-def _shared(weight_format: str, activation_format: str, grad_format: str) -> Fp8Backend:
-    return Fp8Backend(weight_format, activation_format, grad_format)
+def _shared(weight_format: str, activation_format: str, grad_format: str, grad_scale: float) -> Fp8Backend:
+    return Fp8Backend(weight_format, activation_format, grad_format, grad_scale=grad_scale)
 
 
 def fp8_backend_for(module: torch.nn.Module, recipe: Any) -> Fp8Backend:
     """The backend ``precision.apply`` gives a module under an fp8-backend recipe (shared per recipe).
 
-    Uses the recipe's formats, static unit scales and the default :class:`Dispatch`. Stochastic gradient
-    rounding has no hardware path and raises ValueError.
+    Uses the recipe's formats, static unit scales and the default :class:`Dispatch`. A static loss scale S
+    makes every gradient S times larger than unit, so gradients get the static scale 2^round(log2 S).
+    Stochastic gradient rounding has no hardware path and raises ValueError.
     """
     if getattr(recipe, "grad_rounding", "nearest") != "nearest":
         raise ValueError(f"fp8 backend: grad_rounding {recipe.grad_rounding!r} is not supported; "
@@ -379,4 +380,6 @@ def fp8_backend_for(module: torch.nn.Module, recipe: Any) -> Fp8Backend:
     if any(f is None for f in formats):
         raise ValueError(f"fp8 backend: recipe {recipe.name!r} must set weight, activation and grad formats, "
                          f"got {formats}")
-    return _shared(*formats)
+    loss_scale = getattr(recipe, "loss_scale", None)
+    grad_scale = 2.0 ** round(math.log2(loss_scale)) if loss_scale else 1.0
+    return _shared(*formats, grad_scale)
