@@ -160,12 +160,13 @@ def plot_curves(
                  if r.get("event") == "eval" and r.get("valid_bpc") is not None]
         if train:
             steps, losses = zip(*train)
+            line = {k2: v for k2, v in style.items() if k2 not in ("marker", "mfc")}
             ax.plot(steps, _smooth([bpc(v) for v in losses]), lw=1.2, alpha=0.8, label=f"{label} (train)",
-                    **style)
+                    **line)
         if evals:
             steps, vals = zip(*evals)
-            ax.plot(steps, vals, ls="none", marker="o", ms=4, label=f"{label} (valid)",
-                    **{k2: v for k2, v in style.items() if k2 != "ls"})
+            marks = {"marker": "o", "ms": 5, **{k2: v for k2, v in style.items() if k2 != "ls"}}
+            ax.plot(steps, vals, ls="none", label=f"{label} (valid)", **marks)
     ax.set_xlabel("step")
     ax.set_ylabel("bits per character")
     if title:
