@@ -131,6 +131,9 @@ class _Builder:
             if k == 0:
                 continue
             n = size()
+            if not isinstance(n, Node):  # a static size folds into the constant
+                c *= n**k
+                continue
             term = n if k == 1 else self.fn(operator.pow, n, k)
             expr = term if expr is None else self.fn(operator.mul, expr, term)
         if expr is None:
@@ -142,13 +145,11 @@ class _Builder:
         """numel(x)/size(dim): the rows a broadcasting op sees (a float in the graph)."""
         return self.fn(operator.truediv, self.method("numel", x), self.method("size", x, dim))
 
-    def static_shape(self, node: Any) -> torch.Size:
-        """The shape of a weight-like argument: a get_attr tensor, or the example value."""
+    def size(self, node: Any, dim: int) -> int | Node:
+        """A weight-like argument's size: static for a get_attr tensor, else computed in the graph."""
         if isinstance(node, Node) and node.op == "get_attr":
-            return _fetch(self.root, node.target).shape
-        if isinstance(node, Node) and _VALUE in node.meta:
-            return node.meta[_VALUE].shape
-        raise ValueError(f"export: cannot tell the shape of {node}; pass example inputs to export()")
+            return _fetch(self.root, node.target).shape[dim]
+        return self.method("size", node, dim)
 
 
 def _fetch(root: nn.Module, target: str) -> Any:
@@ -175,10 +176,14 @@ def _const(value: Any, name: str, op: str) -> Any:
 
 def _linear_fn(b: _Builder, node: Node, readout: bool) -> Node:
     p = _bind(U.linear_readout if readout else U.linear, node)
-    alpha = _linear_alpha(
-        torch.empty(b.static_shape(p["weight"]), device="meta"), p.get("constraint"), readout
+    weight = p["weight"]
+    rule = rules.readout_rule if readout else rules.linear_rule
+    constraint = None if readout else _const(p["constraint"], "constraint", "linear")
+    y = b.scale(
+        b.fn(F.linear, p["input"], weight),
+        lambda s: rule(s[0], s[1], s[2]).resolve(constraint)[0],
+        [lambda: b.size(weight, 1), lambda: b.size(weight, 0), lambda: b.rows(p["input"])],
     )
-    y = b.mul(b.fn(F.linear, p["input"], p["weight"]), alpha)
     return y if p["bias"] is None else b.fn(operator.add, y, p["bias"])
 
 
@@ -628,9 +633,10 @@ def export(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> fx.Gr
         model.eval()
         for m in backends:
             m.precision = None  # inference in the compute dtype: no backend, no cast
-        tracer = _Tracer(examples)
-        graph = tracer.trace(model, concrete_args=concrete or None)
-        root = _convert(graph, model)
+        # enable_grad: rules.activation_constants differentiates numerically, even under a caller's no_grad
+        with torch.enable_grad():
+            graph = _Tracer(examples).trace(model, concrete_args=concrete or None)
+            root = _convert(graph, model)
     finally:
         for m, backend in backends.items():
             m.precision = backend
@@ -663,6 +669,7 @@ def _convert(graph: fx.Graph, model: nn.Module) -> fx.GraphModule:
         _replace(graph, node, new)
     for node in graph.nodes:
         node.meta.pop(_VALUE, None)
+        node.type = None  # postponed (string) annotations of the source would break pickling
         if node.op == "get_attr" and node.target not in b.attrs:
             value = _fetch(model, node.target)
             b.attrs[node.target] = b.clone(value) if isinstance(value, Tensor) else copy.deepcopy(value)
