@@ -25,6 +25,7 @@ compute dtype: ``_scaled_mm`` is 2-D only.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from dataclasses import dataclass
 from functools import cache
@@ -362,6 +363,12 @@ def _fp8_dtype(role: str, name: str) -> torch.dtype:
 
 
 @cache
+def _warn_no_fp8_cores() -> None:
+    warnings.warn("unitscale: this CUDA device has no FP8 tensor cores (sm_89+); fp8-recipe linears run "
+                  "in the compute dtype (Recipe.fp8() simulates FP8 instead)", stacklevel=4)
+
+
+@cache
 def _shared(weight_format: str, activation_format: str, grad_format: str, grad_scale: float) -> Fp8Backend:
     return Fp8Backend(weight_format, activation_format, grad_format, grad_scale=grad_scale)
 
@@ -380,6 +387,8 @@ def fp8_backend_for(module: torch.nn.Module, recipe: Any) -> Fp8Backend:
     if any(f is None for f in formats):
         raise ValueError(f"fp8 backend: recipe {recipe.name!r} must set weight, activation and grad formats, "
                          f"got {formats}")
+    if torch.cuda.is_available() and not fp8_supported("cuda"):
+        _warn_no_fp8_cores()
     loss_scale = getattr(recipe, "loss_scale", None)
     grad_scale = 2.0 ** round(math.log2(loss_scale)) if loss_scale else 1.0
     return _shared(*formats, grad_scale)
