@@ -311,7 +311,10 @@ def test_fp8_backend_for_recipe():
 
 def test_apply_with_cuda_reported(monkeypatch):
     # precision.apply hands fp8 recipes to fp8_backend_for when CUDA is present; simulate that here.
+    import unitscale.precision.fp8 as fp8
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device=None: True)  # a Hopper-class device
     model = apply(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)), Recipe.fp8(backend="fp8"))
     assert all(isinstance(model[i].precision, Fp8Backend) for i in (0, 2))
     y = model(torch.randn(8, 64))  # default dispatch: these small shapes run in the compute dtype
