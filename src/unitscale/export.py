@@ -76,16 +76,14 @@ def power_law(alpha_of: Callable[[Sequence[int]], float], n_sizes: int) -> tuple
     return c, tuple(ks)
 
 
-def _linear_alpha(module_or_weight: nn.Module | Tensor, constraint: Any, readout: bool) -> float:
-    out_f, in_f = (
-        module_or_weight.shape if isinstance(module_or_weight, Tensor) else module_or_weight.weight.shape
-    )
+def _linear_alpha(module: nn.Module, constraint: Any, readout: bool) -> float:
+    """α of a unit Linear module: must not depend on the row count, so that it folds into the weight."""
+    out_f, in_f = module.weight.shape
     rule = rules.readout_rule if readout else rules.linear_rule
 
     def alpha(rows: float) -> float:
         return rule(in_f, out_f, rows).resolve(None if readout else constraint)[0]
 
-    # alpha must not depend on the row count, or it could not be folded into the weight.
     if not math.isclose(alpha(1), alpha(10**6), rel_tol=1e-12):
         raise ValueError(f"linear scale depends on the row count ({alpha(1)} vs {alpha(10**6)}); cannot fold")
     return alpha(1)
