@@ -366,3 +366,15 @@ def test_compile_fullgraph_aot_eager(weight_scale):
 
 def test_compile_fullgraph_inductor():  # ~5-10 s on 2 cores
     _compiled_step("inductor")
+
+
+def test_warns_once_on_cuda_without_fp8_cores(monkeypatch):
+    import unitscale.precision.fp8 as fp8
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device=None: False)  # e.g. an A100
+    fp8._warn_no_fp8_cores.cache_clear()
+    with pytest.warns(UserWarning, match="no FP8 tensor cores") as record:
+        for _ in range(3):
+            fp8_backend_for(nn.Linear(4, 4), Recipe.fp8(backend="fp8"))
+    assert len([w for w in record if "FP8 tensor cores" in str(w.message)]) == 1
