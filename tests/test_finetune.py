@@ -144,6 +144,7 @@ def test_smoke_finetune_learns():
     json.dumps(records)  # every record is JSON-serialisable (it goes to the JSONL file)
 
 
+@pytest.mark.slow  # ~30 s on a busy 2-core machine: tokenises every article and evaluates ~900 of them
 def test_cli_end_to_end_writes_outputs(tmp_path, capsys):
     """Two steps on real topic data through `unitscale finetune`: JSONL, summary JSON/markdown, table."""
     args = ["finetune", "--max-steps", "2", "--train-subset", "64", "--batch-size", "8", "--max-len", "32"]

@@ -39,8 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from unitscale.train.finetune import FinetuneConfig
     from unitscale.train.finetune import run as run_finetune
 
@@ -66,6 +64,6 @@ def run(args: argparse.Namespace) -> int:
     )
     from unitscale.train.finetune import markdown_table
 
-    Console().print(markdown_table([summary]), markup=False, highlight=False)
+    print(markdown_table([summary]), end="")  # plain print: a markdown table must not be wrapped
     print(f"wrote {args.out}/{config.run_name}/summary.json, summary.md and {args.out}/results.md")
     return 1 if summary["diverged"] else 0
