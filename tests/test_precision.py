@@ -121,15 +121,31 @@ def test_plain_torch_model_every_linear_swapped_and_unreachable_reported() -> No
 
 
 def test_overrides_by_glob_and_describe() -> None:
+    torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("body", nn.Linear(8, 8))
     model.add_module("lm_head", nn.Linear(8, 4))
     recipe = Recipe.fp8().with_overrides(("lm_head", "bf16"))
     apply(model, recipe)
     assert isinstance(model.body.precision, Simulate)
-    assert model.lm_head.precision is precision.EXACT
     text = describe(model, recipe)
     assert "override 'lm_head'" in text and "fp8_e4b/fp8_e4b/fp8_e5b" in text
+    # A BF16 layer inside an fp32-compute model: its matmul inputs are rounded to bf16 (torch's own cast).
+    x = torch.randn(5, 8)
+    expected = F.linear(x.bfloat16().float(), model.lm_head.weight.bfloat16().float(), model.lm_head.bias)
+    torch.testing.assert_close(model.lm_head(x), expected, rtol=0, atol=1e-6)
+    assert "bf16 rounding simulated in float32 compute" in text
+
+
+def test_critical_matmuls_preset_keeps_out_down_and_head_in_bf16() -> None:
+    from unitscale.models import build
+
+    model = build("gpt", vocab_size=20, d_model=16, n_heads=2, seq_len=8, n_layers=2)
+    rows = {r.path: r for r in precision.plan(model, "fp8-critical-bf16")}
+    bf16 = sorted(p for p, r in rows.items() if r.recipe.weight_format == "bf16")
+    assert bf16 == ["blocks.0.body.out", "blocks.1.body.down", "blocks.2.body.out", "blocks.3.body.down",
+                    "lm_head"]
+    assert all(rows[p].recipe.weight_format == "fp8_e4b" for p in rows if p not in bf16)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")

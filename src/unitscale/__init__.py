@@ -22,7 +22,8 @@ _ATTRS = {
     "scaled": ("unitscale.scale", "scaled"),
     "Recipe": ("unitscale.precision", "Recipe"),
     "unit_scale": ("unitscale.transforms", "unit_scale"),
-    "export": ("unitscale.transforms", "export"),
+    "export": ("unitscale.export", "export"),
+    "export_program": ("unitscale.export", "export_program"),
     "track_scales": ("unitscale.analysis", "track_scales"),
 }
 

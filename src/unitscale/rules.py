@@ -159,9 +159,10 @@ def activation_constants(name: str, mult: float = 1.0) -> tuple[float, float]:
     f = _torch_activation(name)
     mult = _positive("mult", mult)
     nodes, weights = _gauss_nodes()
-    x = torch.tensor(nodes * mult, dtype=torch.float64, requires_grad=True)
-    y = f(x)
-    (dy,) = torch.autograd.grad(y.sum(), x)
+    with torch.enable_grad():  # the first call may come from inside torch.no_grad() (inference, export)
+        x = torch.tensor(nodes * mult, dtype=torch.float64, requires_grad=True)
+        y = f(x)
+        (dy,) = torch.autograd.grad(y.sum(), x)
     w = torch.tensor(weights, dtype=torch.float64)
     g = y.detach() / mult
     mean = (w * g).sum()

@@ -7,6 +7,7 @@ with a ``precision`` attribute) get it directly; plain ``nn.Linear`` modules bec
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ def plan(model: nn.Module, recipe: Recipe | str) -> list[MatmulPlan]:
             continue
         kind = _kind(module)
         sub, why = recipe.for_module(path)
+        sub, why = _effective(sub, recipe, why)
         if kind == "unreachable":
             rows.append(MatmulPlan(path, kind, sub, "none", f"{type(module).__name__} matmuls are internal"))
             continue
@@ -88,6 +90,20 @@ def plan(model: nn.Module, recipe: Recipe | str) -> list[MatmulPlan]:
             why += "; no CUDA: fp8 falls back to simulate"
         rows.append(MatmulPlan(path, kind, sub, backend, why))
     return rows
+
+
+_DTYPE_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _effective(sub: Recipe, top: Recipe, why: str) -> tuple[Recipe, str]:
+    """An override asking for another compute dtype than the model's (autocast is global) is simulated:
+    its matmul inputs and output gradients are rounded to that dtype, so "keep this layer in BF16" holds."""
+    fmt = _DTYPE_FORMATS.get(sub.compute_dtype)
+    if sub is top or sub.quantises or sub.compute_dtype == top.compute_dtype or fmt is None:
+        return sub, why
+    simulated = dataclasses.replace(sub, weight_format=fmt, activation_format=fmt, grad_format=fmt,
+                                    compute_dtype=top.compute_dtype)
+    return simulated, f"{why}; {fmt} rounding simulated in {str(top.compute_dtype).split('.')[-1]} compute"
 
 
 def _backend_name(recipe: Recipe, kind: str) -> str:

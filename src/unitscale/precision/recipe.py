@@ -16,6 +16,10 @@ import torch
 
 BACKENDS = ("simulate", "fp8", "int4")
 ROUNDINGS = ("nearest", "stochastic")
+# u-μP's "critical matmuls": kept in BF16 when everything else runs in FP8 (attention output projection,
+# FFN down projection, the head), for the char-LMs (body.out / body.down), unitscale.nn and BERT-style names.
+CRITICAL_MATMULS = ("lm_head", "*.lm_head", "*.body.out", "*.body.down", "*.attn.out", "*.self_attn.out",
+                    "*.mlp.down", "*.attention.output.dense", "*.output.dense")
 HIGH_PRECISION_HEADS = ("lm_head", "*.lm_head", "classifier", "*.classifier", "head", "*.head")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,6 +123,12 @@ class Recipe:
         )
 
     @classmethod
+    def fp8_critical_bf16(cls, backend: str = "simulate") -> Recipe:
+        """u-μP preset: FP8 everywhere except the critical matmuls (attention out, FFN down, head) in BF16."""
+        base = dataclasses.replace(cls.fp8(backend=backend), name="fp8-critical-bf16")
+        return base.with_overrides(*((glob, cls.bf16()) for glob in CRITICAL_MATMULS))
+
+    @classmethod
     def int4(cls, config: Any = None) -> Recipe:
         """Every linear-layer matmul on 4-bit integers (HQ + LSQ forward, bit split + LSS backward)."""
         from unitscale.precision.int4 import Int4Config
@@ -179,6 +189,7 @@ _NAMED = {
     "fp8-e4a": lambda: Recipe.fp8(variant="a"),
     "fp8-loss-scaled": lambda: Recipe.fp8(loss_scale=2048.0),
     "fp8-hw": lambda: Recipe.fp8(backend="fp8"),
+    "fp8-critical-bf16": Recipe.fp8_critical_bf16,
     "int4": Recipe.int4,
     "int4-naive": Recipe.int4_naive,
 }
