@@ -26,6 +26,7 @@ Custom autograd Functions are opaque: their output is recorded where a module re
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -197,25 +198,79 @@ class _Tracker:
 
 
 class _OpMode(TorchFunctionMode):
+    """Records torch functional ops, and unitscale's scaled ops as whole ops.
+
+    A unitscale op (``unitscale.functional.*``) is recorded by its own output and input gradients, i.e.
+    after its α and β; the torch functions it calls internally are not recorded, since their tensors sit
+    before those factors and do not exist in the scaled model's numerics.
+    """
+
+    # Skipped: inputs that are not tensors a person would read (indices, sizes, taus).
+    _UNIT_OPS = tuple(n for n in ("add", "cross_entropy", "dropout", "embedding", "gelu", "layer_norm",
+                                  "linear", "linear_readout", "matmul", "relu", "residual_add", "rms_norm",
+                                  "scaled_dot_product_attention", "sigmoid", "silu", "softmax", "tanh",
+                                  "weighted_add"))
+
     def __init__(self, tracker: _Tracker) -> None:
         super().__init__()
         self.tracker = tracker
+        self.depth = 0  # > 0 while inside a unitscale op
+        self.saved: dict[str, Callable] = {}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        name = OPS.get(func)
-        where = self.tracker.op_site(name) if name is not None and torch.is_grad_enabled() else None
+    def __enter__(self):  # type: ignore[override]
+        import unitscale.functional as U
+
+        for name in self._UNIT_OPS:
+            self.saved[name] = getattr(U, name)
+            setattr(U, name, self._wrap(name, self.saved[name]))
+        return super().__enter__()
+
+    def __exit__(self, *exc):  # type: ignore[override]
+        import unitscale.functional as U
+
+        for name, fn in self.saved.items():
+            setattr(U, name, fn)
+        self.saved.clear()
+        return super().__exit__(*exc)
+
+    def _observe(self, name: str, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        where = self.tracker.op_site(name) if self.depth == 0 and torch.is_grad_enabled() else None
         if where is None:
-            return func(*args, **kwargs)
+            return fn(*args, **kwargs)
         tag, label = where
         site = f"{tag} / {label}"
         args, kwargs = self.tracker.probe((args, kwargs), site=site, module=tag, op_prefix=f"{label}.")
-        out = func(*args, **kwargs)
+        out = fn(*args, **kwargs)
         outs = _float_leaves(out)
         for k, t in enumerate(outs):
             op = label + (f"[{k}]" if len(outs) > 1 else "")
             self.tracker.record(t, site=site, module=tag, op=op, role="activation", pass_="forward")
         return out
+
+    def _wrap(self, name: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def observed(*args: Any, **kwargs: Any) -> Any:
+            out = self._observe(name, self._inside(fn), args, kwargs)
+            return out
+
+        return observed
+
+    def _inside(self, fn: Callable) -> Callable:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            self.depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+
+        return run
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        name = OPS.get(func)
+        if name is None or self.depth > 0:
+            return func(*args, **kwargs)
+        return self._observe(name, func, args, kwargs)
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
