@@ -22,11 +22,14 @@ Role = Literal["weight", "activation"]
 
 
 def _gemm(a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """scale · (a @ b) with the scale in the GEMM epilogue (2-D operands)."""
+    """scale · (a @ b) for 2-D operands: on CUDA the scale rides in cuBLAS's epilogue (``addmm`` alpha);
+    on CPU an in-place multiply of the product is measured faster than ``addmm`` with beta = 0."""
     if scale == 1.0:
         return torch.mm(a, b)
-    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
-    return torch.addmm(out, a, b, beta=0, alpha=scale)
+    if a.is_cuda:
+        out = torch.empty(a.shape[0], b.shape[1], dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+        return torch.addmm(out, a, b, beta=0, alpha=scale)
+    return torch.mm(a, b).mul_(scale)
 
 
 class _ScaledLinear(torch.autograd.Function):
