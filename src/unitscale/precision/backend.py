@@ -27,7 +27,8 @@ def _gemm(a: Tensor, b: Tensor, scale: float) -> Tensor:
     if scale == 1.0:
         return torch.mm(a, b)
     if a.is_cuda:
-        out = torch.empty(a.shape[0], b.shape[1], dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        out = torch.empty(a.shape[0], b.shape[1], dtype=dtype, device=a.device)
         return torch.addmm(out, a, b, beta=0, alpha=scale)
     return torch.mm(a, b).mul_(scale)
 
