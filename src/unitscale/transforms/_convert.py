@@ -564,6 +564,7 @@ class Converter:
             affine,
             has_bias,
             device=None if not affine else m.weight.device,
+            dtype=None if not affine else m.weight.dtype,
         )
         new.grad_rows = self.rows(x, math.prod(m.normalized_shape))
         if self.o.keep and affine:
