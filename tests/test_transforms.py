@@ -69,7 +69,9 @@ def _mlp() -> nn.Module:
 
 
 def _encoder(norm_first: bool, batch_first: bool = True, layers: int = 2, d: int = 32) -> nn.Module:
-    layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.1, batch_first=batch_first, norm_first=norm_first)
+    layer = nn.TransformerEncoderLayer(
+        d, 4, 2 * d, dropout=0.1, batch_first=batch_first, norm_first=norm_first
+    )
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
 
@@ -142,7 +144,8 @@ def test_encoder_padding_mask_and_causal_mask(batch_first):
     pad = torch.zeros(4, 10, dtype=torch.bool)
     pad[0, 6:] = pad[2, 3:] = True
     causal = torch.ones(10, 10, dtype=torch.bool).triu(1)  # True = masked, as nn.MultiheadAttention
-    for kwargs in ({"src_key_padding_mask": pad}, {"mask": causal}, {"mask": causal, "src_key_padding_mask": pad}):
+    both = {"mask": causal, "src_key_padding_mask": pad}
+    for kwargs in ({"src_key_padding_mask": pad}, {"mask": causal}, both):
         torch.testing.assert_close(unit(x, **kwargs), model(x, **kwargs), rtol=1e-10, atol=1e-10)
 
 
@@ -241,7 +244,7 @@ def test_unit_init_encoder_stack_has_unit_activations_and_gradients(norm_first):
     assert len(names) == layers
     stats = _layer_stats(unit, x, names)
     for i, (act, grad) in enumerate(stats):
-        assert 0.5 <= act <= 2 and 0.5 <= grad <= 2, f"layer {i}: activation σ {act:.3f}, gradient σ {grad:.3f}"
+        assert 0.5 <= act <= 2 and 0.5 <= grad <= 2, f"layer {i}: activation σ {act:.3f}, grad σ {grad:.3f}"
     # weights are unit, as the recipe's step 1 asks
     for pname, p in unit.named_parameters():
         if p.dim() == 2:
@@ -412,7 +415,8 @@ def test_pretrained_minilm_classifier_logits_match_before_training(minilm):
     bert, encoder, tokenizer = minilm
     torch.manual_seed(0)
     model = bert.BertClassifier(encoder, 3).eval()
-    batch = tokenizer(["unit scaling keeps every tensor near one", "hello", "a third, somewhat longer sentence"])
+    texts = ["unit scaling keeps every tensor near one", "hello", "a third, somewhat longer sentence"]
+    batch = tokenizer(texts)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     unit = us.unit_scale(model, (ids, mask), tau="match", attention_mask=mask)
     with torch.no_grad():
