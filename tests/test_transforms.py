@@ -366,6 +366,13 @@ def test_unsupported_ops_are_listed_by_name_and_path():
     assert unit.unit_scale_info.unsupported == ["Conv1d at 'conv'", "erf (node erf)"]
 
 
+def test_tied_weights_are_reported_not_silently_untied():
+    model = Tiny(pre_norm=True)
+    model.head.weight = model.tok.weight
+    with pytest.raises(ValueError, match=r"Embedding at 'tok'.*Linear at 'head'"):
+        us.unit_scale(model)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

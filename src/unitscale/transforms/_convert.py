@@ -162,6 +162,10 @@ class Converter:
         self.install: dict[str, nn.Module] = {}
         self.info = Info()
         self.residuals = self._find_residuals()
+        seen: dict[int, int] = {}
+        for _, p in gm.named_parameters(remove_duplicate=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+        self.shared = {i for i, n in seen.items() if n > 1}  # tied weights: not converted (reported)
 
     # -- analysis ----------------------------------------------------------------------------------------
 
@@ -485,8 +489,10 @@ class Converter:
                     new.bias.copy_(bias * c_out)
         return new, c_out
 
-    def _linear_module(self, node: fx.Node) -> tuple[fx.Node, float]:
+    def _linear_module(self, node: fx.Node) -> Any:
         m = self.modules[node.target]
+        if id(m.weight) in self.shared:
+            return None
         new, c_out = self._unit_linear(node, node.args[0], m.weight, m.bias)
         self.install[node.target] = new
         return self._copy(node), c_out
@@ -522,7 +528,7 @@ class Converter:
 
     def _embedding_module(self, node: fx.Node) -> Any:
         m = self.modules[node.target]
-        if m.max_norm is not None or m.scale_grad_by_freq or m.sparse:
+        if m.max_norm is not None or m.scale_grad_by_freq or m.sparse or id(m.weight) in self.shared:
             return None
         new = unn.Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx, m.weight.device, m.weight.dtype)
         new.grad_rows = self.rows(node.args[0], 1)
