@@ -12,7 +12,7 @@ HELP = "train a char-LM on Wikipedia or a text file: metrics JSONL, checkpoints,
 # CLI flag -> TrainConfig field, for the options that map one to one (defaults None: "not given").
 _FIELDS = ("model", "scaling", "precision", "optimizer", "lr", "momentum", "weight_decay", "warmup", "steps",
            "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every", "log_every", "seed",
-           "grad_clip", "device", "data", "vocab_min_count")
+           "grad_clip", "device", "data", "vocab_min_count", "parallel", "stop_at")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt with its saved config (--steps may extend it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"],
+                   help="data parallelism under torchrun (default none): "
+                        "torchrun --nproc-per-node N unitscale train --parallel ddp|fsdp ...")
+    p.add_argument("--stop-at", dest="stop_at", type=int, metavar="STEP",
+                   help="checkpoint and stop after this step (the schedule still spans --steps)")
 
 
 def _parse_value(text: str) -> object:
@@ -63,6 +68,8 @@ def config_from_args(args: argparse.Namespace):  # -> TrainConfig
     from unitscale.train.loop import TrainConfig, config_from_checkpoint
 
     cfg = config_from_checkpoint(args.out) if args.resume else TrainConfig()
+    # How a run is launched and where it stops belong to this launch, not to the saved run.
+    cfg = dataclasses.replace(cfg, parallel="none", stop_at=None)
     given = {k: getattr(args, k) for k in _FIELDS if getattr(args, k) is not None}
     overrides = parse_overrides(args.overrides)
     if overrides:

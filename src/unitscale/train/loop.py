@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from unitscale.scale import scaled
-from unitscale.train import checkpoint
+from unitscale.train import checkpoint, distributed
 from unitscale.train.data import BatchSampler, Vocab, eval_windows, load_corpus
 from unitscale.train.metrics import MetricsLog, TrainProgress, bpc, evaluate_bpc, plot_curves, read_jsonl
 
@@ -35,6 +35,7 @@ FALLBACK_LR = 1e-3  # only for models without default_lr()
 # Fields a resumed run may change without leaving the original trajectory (steps extends the schedule).
 RESUME_FREE: frozenset[str] = frozenset({
     "steps", "out_dir", "resume", "quiet", "eval_every", "checkpoint_every", "log_every", "stop_on_nonfinite",
+    "parallel", "stop_at", "device",
 })
 
 ModelFn = Callable[["TrainConfig", int], nn.Module]
@@ -70,6 +71,8 @@ class TrainConfig:
     quiet: bool = False
     stop_on_nonfinite: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    parallel: str = "none"  # "ddp" | "fsdp" under torchrun (see train.distributed)
+    stop_at: int | None = None  # checkpoint and stop after this step; the schedule still spans ``steps``
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and what it accepts."""
@@ -88,6 +91,11 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number (None: the model's default), got {self.lr!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None (off), got {self.grad_clip!r}")
+        if self.stop_at is not None and (not isinstance(self.stop_at, int) or self.stop_at < 1):
+            raise ValueError(f"stop_at must be a positive integer or None, got {self.stop_at!r}")
+        if self.parallel not in distributed.PARALLEL:
+            accepted = ", ".join(distributed.PARALLEL)
+            raise ValueError(f"unknown parallel mode {self.parallel!r}; accepted: {accepted}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ValueError(f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay!r}, "
                              f"{self.momentum!r}")
@@ -222,7 +230,7 @@ class _Run:
         if model_fn is None:
             check_names(config)
         self.recipe = get_recipe(config.precision)
-        self.device = resolve_device(config.device)
+        self.dist, self.device = distributed.setup(config.parallel, resolve_device(config.device))
         self.out = Path(config.out_dir)
         self.ckpt_path = self.out / checkpoint.CHECKPOINT_NAME
         self.state = checkpoint.load(self.ckpt_path) if config.resume else None
@@ -234,18 +242,19 @@ class _Run:
         torch.manual_seed(config.seed)
         vocab_size = len(self.corpus.vocab)
         model = model_fn(config, vocab_size) if model_fn else build_model(config, vocab_size)
-        self.model = apply(model.to(self.device), self.recipe)
+        self.module = apply(model.to(self.device), self.recipe)
+        self.model = distributed.wrap(self.module, self.dist)
         self.lr = config.lr if config.lr is not None else (
-            self.model.default_lr(config.optimizer) if hasattr(self.model, "default_lr") else FALLBACK_LR)
-        self.optimizer = make_optimizer(self.model, config, self.lr)
+            self.module.default_lr(config.optimizer) if hasattr(self.module, "default_lr") else FALLBACK_LR)
+        self.optimizer = make_optimizer(self.module, config, self.lr)
+        self.grad_factor = distributed.grad_correction(self.module, self.dist)
         self.sampler = BatchSampler(self.corpus.train, config.batch_size, config.seq_len, config.seed)
         self.valid = eval_windows(self.corpus.valid, config.eval_windows, config.seq_len)
         self.test = eval_windows(self.corpus.test, config.eval_windows, config.seq_len)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.step, self.wall, self.ckpt_step = 0, 0.0, None
         if self.state is not None:
-            self.model.load_state_dict(self.state["model"])
-            self.optimizer.load_state_dict(self.state["optimizer"])
+            distributed.load_state(self.model, self.optimizer, self.state["model"], self.state["optimizer"])
             self.sampler.load_state_dict(self.state["sampler"])
             torch.set_rng_state(self.state["rng"]["torch"])
             if self.device.type == "cuda" and self.state["rng"].get("cuda") is not None:
@@ -260,29 +269,36 @@ class _Run:
     # one step ---------------------------------------------------------------------------------------------
     def forward_backward(self, x: Tensor, y: Tensor) -> Tensor:
         """Loss (nats) after backward; gradients unscaled (÷S) when the recipe has a loss scale S."""
+        x, y = distributed.shard(x, self.dist), distributed.shard(y, self.dist)
         with self.autocast():
             _, loss = self.model(x, y)
         s = self.recipe.loss_scale
         (scaled(loss, 1.0, s) if s else loss).backward()
-        if s:
+        # One multiply for both: undo the loss scale, and restore the global unit-scaled gradient after
+        # the data-parallel average (train.distributed.grad_correction).
+        factor = self.grad_factor / s if s else self.grad_factor
+        if factor != 1.0:
             grads = [p.grad for p in self.params if p.grad is not None]
-            torch._foreach_mul_(grads, 1.0 / s)
+            torch._foreach_mul_(grads, factor)
         return loss.detach().float()
 
     def grad_norm(self) -> tuple[float, bool]:
         """(global L2 norm of the gradients, all finite?); clips to ``grad_clip`` when set."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        finite = all(_finite(g) for g in grads)
+        finite = distributed.all_true(all(_finite(_local(g)) for g in grads), self.dist)
         if self.config.grad_clip is not None and finite:
-            return float(torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)), finite
+            return _item(torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)), finite
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        return float(norm), finite
+        return _item(norm), finite
 
     def save(self) -> None:
         cfg = asdict(self.config)
+        model_state, optim_state = distributed.state(self.model, self.optimizer)  # collective under FSDP
+        self.ckpt_step = self.step
+        if not self.dist.is_main:
+            return
         checkpoint.save_atomic({
-            "step": self.step, "config": cfg, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "step": self.step, "config": cfg, "model": model_state, "optimizer": optim_state,
             "scheduler": {"kind": "warmup_cosine", "warmup": self.config.warmup, "steps": self.config.steps,
                           "step": self.step},
             "rng": {"torch": torch.get_rng_state(),
@@ -294,6 +310,25 @@ class _Run:
     def evaluate(self, windows: Tensor) -> float:
         return evaluate_bpc(self.model, windows, self.config.batch_size, device=self.device,
                             autocast=self.autocast)
+
+
+class _NullLog:
+    """The metrics log of ranks other than 0."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _item(t: Tensor) -> float:
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
 def _check_resumable(config: TrainConfig, saved: dict[str, Any]) -> None:
@@ -323,7 +358,9 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None, on_step: Step
     """
     r = _Run(config, model_fn)
     cfg = r.config
-    log = MetricsLog(r.out / "metrics.jsonl", keep_until_step=r.step if r.state else None)
+    main = r.dist.is_main  # only rank 0 writes files and shows progress; every rank computes
+    log = (MetricsLog(r.out / "metrics.jsonl", keep_until_step=r.step if r.state else None) if main
+           else _NullLog())
     tokens = cfg.batch_size * cfg.seq_len
     status, error, loss_v, valid_bpc, tps = "finished", None, math.nan, math.nan, math.nan
     desc = f"{cfg.model}/{cfg.scaling}/{cfg.precision}"
@@ -331,9 +368,10 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None, on_step: Step
         if r.state is None:
             valid_bpc = r.evaluate(r.valid)
             log.write({"event": "eval", "step": 0, "valid_bpc": valid_bpc})
-            with open(r.out / "config.json", "w") as f:
-                json.dump(asdict(cfg), f, indent=1)
-        with TrainProgress(cfg.steps, desc, enabled=not cfg.quiet, start=r.step) as bar:
+            if main:
+                with open(r.out / "config.json", "w") as f:
+                    json.dump(asdict(cfg), f, indent=1)
+        with TrainProgress(cfg.steps, desc, enabled=main and not cfg.quiet, start=r.step) as bar:
             while r.step < cfg.steps:
                 t0 = time.perf_counter()
                 factor = lr_factor(r.step, cfg.warmup, cfg.steps)
@@ -341,7 +379,7 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None, on_step: Step
                     g["lr"] = g["base_lr"] * factor
                 x, y = (t.to(r.device) for t in r.sampler.next())
                 loss = r.forward_backward(x, y)
-                loss_v = float(loss)
+                loss_v = distributed.mean(float(loss), r.dist)
                 norm, finite = r.grad_norm()
                 if not (finite and math.isfinite(loss_v)):
                     status = "diverged"
@@ -371,21 +409,31 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None, on_step: Step
                 bar.update(r.step, tokens_per_s=tps, loss=loss_v)
                 if on_step is not None:
                     on_step(r.step, r.model, loss_v)
+                if cfg.stop_at is not None and r.step >= cfg.stop_at and r.step < cfg.steps:
+                    if r.ckpt_step != r.step:
+                        r.save()
+                    status = "stopped"
+                    break
     finally:
         log.close()
     finished = status == "finished"
     if finished and math.isnan(valid_bpc):  # a resume of a run that had already finished
         valid_bpc = r.evaluate(r.valid)
+    test_bpc = r.evaluate(r.test) if finished else None  # collective under FSDP: every rank evaluates
+    distributed.teardown(r.dist)
     summary = {
         "status": status, "step": r.step, "steps": cfg.steps, "final_loss": loss_v if finished else None,
         "final_train_bpc": bpc(loss_v) if finished else None,
         "valid_bpc": valid_bpc if finished else None,
-        "test_bpc": r.evaluate(r.test) if finished else None,
+        "test_bpc": test_bpc,
         "lr": r.lr, "tokens_per_s": tps, "wall_s": r.wall,
         "params": sum(p.numel() for p in r.params), "vocab_size": len(r.corpus.vocab),
         "data": r.corpus.describe(), "device": str(r.device), "recipe": r.recipe.describe(),
         "error": error, "config": asdict(cfg),
     }
+    summary["parallel"] = {"mode": r.dist.parallel, "world_size": r.dist.world_size}
+    if not main:
+        return summary
     with open(r.out / "summary.json", "w") as f:
         json.dump({k: None if isinstance(v, float) and not math.isfinite(v) else v
                    for k, v in summary.items()}, f, indent=1)

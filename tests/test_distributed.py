@@ -1,0 +1,132 @@
+"""DDP and FSDP2 on CPU (gloo), 2 processes launched by torchrun from the test.
+
+The same global batch on 1 or 2 ranks must give the same training trajectory; a checkpoint written at one
+world size must resume at another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unitscale.train.distributed import Dist, grad_correction, shard
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+STEPS = 6
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    rng = torch.Generator().manual_seed(0)
+    words = ["unit", "scaling", "keeps", "every", "tensor", "near", "one", "so", "fp8", "trains", "well"]
+    picks = torch.randint(0, len(words), (6000,), generator=rng).tolist()
+    path.write_text(" ".join(words[i] for i in picks))
+    return path
+
+
+def _train(out: Path, data: Path, *, ranks: int, parallel: str, scaling: str = "unit", steps: int = STEPS,
+           extra: tuple[str, ...] = ()) -> dict:
+    args = ["train", "--model", "gpt", "--scaling", scaling, "--precision", "fp32", "--data", str(data),
+            "--steps", str(steps), "--batch-size", "4", "--seq-len", "16", "--warmup", "2",
+            "--eval-every", "100", "--eval-windows", "4", "--checkpoint-every", "3", "--seed", "0",
+            "--set", "d_model=32", "--set", "n_layers=2", "--set", "n_heads=2",
+            "--out", str(out), "--quiet", "--parallel", parallel, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if ranks == 1 and parallel == "none":
+        cmd = [sys.executable, "-m", "unitscale.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+               "--master-addr", "127.0.0.1", "--master-port", str(_port()), "-m", "unitscale.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, text) -> dict:
+    return _train(tmp_path_factory.mktemp("single"), text, ranks=1, parallel="none")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(tmp_path, text, single, parallel: str) -> None:
+    two = _train(tmp_path / parallel, text, ranks=2, parallel=parallel)
+    assert two["status"] == single["status"] == "finished"
+    assert two["final_loss"] == pytest.approx(single["final_loss"], rel=1e-5)
+    assert two["valid_bpc"] == pytest.approx(single["valid_bpc"], rel=1e-5)
+    # rank 0 alone writes: one metrics file, one checkpoint
+    assert (tmp_path / parallel / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_standard_model_ddp_matches_one_process(tmp_path, text) -> None:
+    one = _train(tmp_path / "one", text, ranks=1, parallel="none", scaling="standard")
+    two = _train(tmp_path / "two", text, ranks=2, parallel="ddp", scaling="standard")
+    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, second", [((2, "fsdp"), (1, "none")), ((1, "none"), (2, "ddp"))])
+def test_checkpoint_resumes_across_world_sizes(tmp_path, text, single, first, second) -> None:
+    out = tmp_path / "run"
+    part = _train(out, text, ranks=first[0], parallel=first[1], extra=("--stop-at", "3"))
+    assert part["status"] == "stopped" and part["step"] == 3
+    resumed = _train(out, text, ranks=second[0], parallel=second[1], extra=("--resume",))
+    assert resumed["status"] == "finished" and resumed["step"] == STEPS
+    assert resumed["final_loss"] == pytest.approx(single["final_loss"], rel=1e-5)
+
+
+def test_grad_correction_rule() -> None:
+    """Unit-scaled weight gradients ∝ b^-½: averaging W ranks of b/W rows needs × W^½ (standard: × 1)."""
+    from unitscale.models import build
+
+    unit = build("gpt", vocab_size=8, scaling="unit", d_model=8, n_heads=1, seq_len=4, n_layers=1)
+    standard = build("gpt", vocab_size=8, scaling="standard", d_model=8, n_heads=1, seq_len=4, n_layers=1)
+    assert grad_correction(unit, Dist("ddp", 0, 4)) == pytest.approx(2.0)
+    assert grad_correction(standard, Dist("ddp", 0, 4)) == 1.0
+    assert grad_correction(unit, Dist()) == 1.0
+
+
+def test_grad_correction_reproduces_the_global_gradient() -> None:
+    """Average of per-shard unit-scaled gradients × W^½ equals the full-batch gradient (float64)."""
+    from unitscale.models import build
+
+    torch.manual_seed(0)
+    model = build("gpt", vocab_size=11, scaling="unit", d_model=16, n_heads=2, seq_len=8, n_layers=1).double()
+    idx = torch.randint(0, 11, (4, 8))
+    model(idx, idx)[1].backward()
+    full = {n: p.grad.clone() for n, p in model.named_parameters()}
+    shards = []
+    for rank in range(2):
+        model.zero_grad()
+        part = shard(idx, Dist("ddp", rank, 2))
+        model(part, part)[1].backward()
+        shards.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    factor = grad_correction(model, Dist("ddp", 0, 2))
+    for name, g in full.items():
+        averaged = (shards[0][name] + shards[1][name]) / 2
+        torch.testing.assert_close(averaged * factor, g, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_inputs() -> None:
+    from unitscale.train.distributed import setup
+
+    with pytest.raises(ValueError, match="unknown parallel mode 'zero'"):
+        setup("zero", torch.device("cpu"))
+    with pytest.raises(ValueError, match="not divisible by the world size 3"):
+        shard(torch.zeros(4, 2), Dist("ddp", 0, 3))
