@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import unitscale.functional as U
 from unitscale.models.bert import POOLINGS, BertClassifier, load_minilm
 from unitscale.train.topics import TOPICS, TopicData, load_topics
 
@@ -87,8 +88,18 @@ def require_unit_scale() -> Callable[[nn.Module], nn.Module]:
     return unit_scale
 
 
-def build_model(config: FinetuneConfig, seed: int) -> tuple[nn.Module, Any]:
-    """MiniLM classifier for the 11 topics, unit-scaled if asked, with the precision recipe applied."""
+def build_model(
+    config: FinetuneConfig, seed: int, example: tuple[Tensor, Tensor] | None = None
+) -> tuple[nn.Module, Any]:
+    """MiniLM classifier for the 11 topics, unit-scaled if asked, with the precision recipe applied.
+
+    Unit scaling converts the pretrained classifier with ``unit_scale`` (outputs unchanged), using a
+    training batch ``example`` (ids, mask) to pin the sequence-length-dependent scales and the mean number
+    of non-padding tokens. The conversion multiplies each parameter by a constant k (θ_u = k·θ); the
+    model's ``lr_scales`` holds k per parameter name so AdamW can follow the original trajectory
+    (Proposition 5.1: lr·k and weight decay / k). It is traced in eval mode, so attention-probability
+    dropout (a Python branch on ``self.training``) is off in the unit model; hidden dropout stays.
+    """
     from unitscale import precision
 
     recipe = precision.get_recipe(config.precision)  # fail on a bad name before the model loads
@@ -96,17 +107,39 @@ def build_model(config: FinetuneConfig, seed: int) -> tuple[nn.Module, Any]:
     encoder, _ = load_minilm(max_len=config.max_len, with_pooler=False)
     model: nn.Module = BertClassifier(encoder, len(TOPICS), pooling=config.pooling, dropout=config.dropout)
     if config.scaling == "unit":
-        model = require_unit_scale()(model)
+        original = model.eval()
+        kwargs = {} if example is None else {"example_inputs": example, "attention_mask": example[1]}
+        model = require_unit_scale()(original, **kwargs).train()
+        model.lr_scales = reparametrisation_scales(original, model)
     return precision.apply(model.to(config.device), recipe), recipe
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only; biases and norm gains (ndim < 2) are not decayed (BERT practice)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+def reparametrisation_scales(original: nn.Module, converted: nn.Module) -> dict[str, float]:
+    """k per parameter name with θ_converted = k·θ_original (RMS ratio; 1 for all-zero tensors)."""
+    before = dict(original.named_parameters())
+    scales = {}
+    for name, p in converted.named_parameters():
+        q = before.get(name)
+        rms_q = float(q.detach().pow(2).mean().sqrt()) if q is not None else 0.0
+        scales[name] = float(p.detach().pow(2).mean().sqrt()) / rms_q if rms_q > 0 else 1.0
+    return scales
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float) -> list[dict[str, Any]]:
+    """Decay matrices only; biases and norm gains (ndim < 2) are not decayed (BERT practice).
+
+    A unit-scaled conversion (``model.lr_scales``) gets one group per parameter with lr·k and decay/k, the
+    AdamW learning-rate mapping under which θ_u = k·θ follows the original model's trajectory.
+    """
+    scales = getattr(model, "lr_scales", None)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if scales is None:
+        return [
+            {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": weight_decay, "lr": lr},
+            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+        ]
+    return [{"params": [p], "lr": lr * scales.get(n, 1.0),
+             "weight_decay": weight_decay / scales.get(n, 1.0) if p.ndim >= 2 else 0.0} for n, p in named]
 
 
 def _batches(
@@ -154,15 +187,19 @@ def train_seed(
     ``log`` receives every metrics record (also written as JSONL by ``run``); ``progress`` is called after
     each step with (step, total_steps, loss). A non-finite loss stops training (``diverged`` = True).
     """
-    model, recipe = build_model(config, seed)
     device = torch.device(config.device)
     train = data["train"].subset(config.train_subset)
+    first = torch.arange(min(config.batch_size, len(train)))
+    example = next(_batches(train, config.batch_size, first, device))[:2]
+    model, recipe = build_model(config, seed, example=example)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total = max(1, round(config.epochs * steps_per_epoch))
     if max_steps is not None:
         total = min(total, max_steps)
     warmup_steps = max(1, round(config.warmup * total))
-    opt = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    opt = torch.optim.AdamW(param_groups(model, config.weight_decay, config.lr), lr=config.lr)
+    # Unit-scaled models take the unit-scaled loss: same value, gradient not divided by the batch size.
+    loss_fn = U.cross_entropy if config.scaling == "unit" else F.cross_entropy
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup_steps))
     loss_scale = recipe.loss_scale or 1.0
     gen = torch.Generator().manual_seed(seed)
@@ -174,7 +211,7 @@ def train_seed(
         for ids, mask, labels in _batches(train, config.batch_size, order, device):
             with _autocast(recipe, device):
                 logits = model(ids, mask)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = loss_fn(logits.float(), labels)
             if not torch.isfinite(loss):
                 diverged = True
                 log({"seed": seed, "step": step, "event": "diverged", "loss": loss.item()})
