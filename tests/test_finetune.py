@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+import unitscale.functional as U
 from unitscale.cli import main
 from unitscale.models.bert import BertTokenizer, minilm_dir
 from unitscale.train.finetune import (
@@ -17,13 +18,13 @@ from unitscale.train.finetune import (
     lr_factor,
     markdown_table,
     mean_std,
-    require_unit_scale,
+    param_groups,
+    reparametrisation_scales,
     summarise,
     train_seed,
 )
 from unitscale.train.topics import TopicData
-
-UNIT_SCALE_LANDED = importlib.util.find_spec("unitscale.transforms") is not None
+from unitscale.transforms import unit_scale
 
 
 def _synthetic(split: str, n: int, seed: int) -> TopicData:
@@ -108,17 +109,37 @@ def test_summary_table():
     )
 
 
-@pytest.mark.skipif(UNIT_SCALE_LANDED, reason="unit_scale exists: the 'not yet available' path is gone")
-def test_unit_scaling_not_yet_available():
-    with pytest.raises(ValueError, match="not yet available"):
-        require_unit_scale()
+def test_adamw_lr_mapping_makes_the_unit_model_follow_the_original_trajectory():
+    """Proposition 5.1: θ_u = k·θ trained with AdamW at lr·k and weight decay wd/k follows θ exactly (up to
+    Adam's ε), because Theorem 5.2 makes each unit-scaled gradient a constant multiple of the true one."""
+    torch.manual_seed(0)
 
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.up = torch.nn.LayerNorm(16), torch.nn.Linear(16, 64)
+            self.down = torch.nn.Linear(64, 16)
+            self.head = torch.nn.Linear(16, 5)
 
-@pytest.mark.skipif(UNIT_SCALE_LANDED, reason="unit_scale exists: the 'not yet available' path is gone")
-def test_cli_unit_scaling_clear_error(capsys, tmp_path):
-    assert main(["finetune", "--scaling", "unit", "--out", str(tmp_path)]) == 2
-    assert "not yet available" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())
+        def forward(self, x):
+            x = x + self.down(F.gelu(self.up(self.norm(x))))
+            return self.head(x)
+
+    original = Block().double()
+    x, y = torch.randn(32, 16, dtype=torch.float64), torch.randint(0, 5, (32,))
+    converted = unit_scale(original, (x,))
+    converted.lr_scales = reparametrisation_scales(original, converted)
+    assert max(converted.lr_scales.values()) > 2  # a real reparametrisation, not the identity
+    lr, wd = 1e-2, 0.1
+    opt_o = torch.optim.AdamW(param_groups(original, wd, lr), lr=lr, eps=1e-30)
+    opt_u = torch.optim.AdamW(param_groups(converted, wd, lr), lr=lr, eps=1e-30)
+    for _ in range(5):
+        for model, opt, loss_fn in ((original, opt_o, F.cross_entropy), (converted, opt_u, U.cross_entropy)):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    torch.testing.assert_close(converted(x), original(x), rtol=1e-9, atol=1e-9)
+    assert (original(x) - Block().double()(x)).abs().max() > 1e-3  # it did train
 
 
 def test_cli_unknown_precision(capsys, tmp_path):

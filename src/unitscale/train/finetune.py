@@ -27,6 +27,7 @@ from torch import Tensor, nn
 import unitscale.functional as U
 from unitscale.models.bert import POOLINGS, BertClassifier, load_minilm
 from unitscale.train.topics import TOPICS, TopicData, load_topics
+from unitscale.transforms import unit_scale
 
 SCALINGS = ("standard", "unit")
 
@@ -76,18 +77,6 @@ def lr_factor(step: int, total: int, warmup_steps: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup_steps))
 
 
-def require_unit_scale() -> Callable[[nn.Module], nn.Module]:
-    """``unitscale.unit_scale``, or a ValueError saying it is not available yet."""
-    try:
-        from unitscale.transforms import unit_scale
-    except ImportError as err:
-        raise ValueError(
-            "--scaling unit is not yet available: unitscale.unit_scale (unitscale.transforms) is missing; "
-            "accepted now: --scaling standard"
-        ) from err
-    return unit_scale
-
-
 def build_model(
     config: FinetuneConfig, seed: int, example: tuple[Tensor, Tensor] | None = None
 ) -> tuple[nn.Module, Any]:
@@ -109,7 +98,7 @@ def build_model(
     if config.scaling == "unit":
         original = model.eval()
         kwargs = {} if example is None else {"example_inputs": example, "attention_mask": example[1]}
-        model = require_unit_scale()(original, **kwargs).train()
+        model = unit_scale(original, **kwargs).train()
         model.lr_scales = reparametrisation_scales(original, model)
     return precision.apply(model.to(config.device), recipe), recipe
 
