@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from unitscale.monitor import ScaleMonitor
 from unitscale.scale import scaled
 from unitscale.train import checkpoint, distributed
 from unitscale.train.data import BatchSampler, Vocab, eval_windows, load_corpus
@@ -35,7 +36,7 @@ FALLBACK_LR = 1e-3  # only for models without default_lr()
 # Fields a resumed run may change without leaving the original trajectory (steps extends the schedule).
 RESUME_FREE: frozenset[str] = frozenset({
     "steps", "out_dir", "resume", "quiet", "eval_every", "checkpoint_every", "log_every", "stop_on_nonfinite",
-    "parallel", "stop_at", "device",
+    "parallel", "stop_at", "device", "monitor_every", "monitor_patience",
 })
 
 ModelFn = Callable[["TrainConfig", int], nn.Module]
@@ -73,6 +74,8 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     parallel: str = "none"  # "ddp" | "fsdp" under torchrun (see train.distributed)
     stop_at: int | None = None  # checkpoint and stop after this step; the schedule still spans ``steps``
+    monitor_every: int = 200  # scale-health check every N steps (unitscale.monitor); 0 = off
+    monitor_patience: int = 3  # warn after this many consecutive uncomfortable checks of one tensor
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and what it accepts."""
@@ -81,12 +84,14 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every",
-                     "log_every", "vocab_min_count"):
+                     "log_every", "vocab_min_count", "monitor_patience"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        if not isinstance(self.monitor_every, int) or self.monitor_every < 0:
+            raise ValueError(f"monitor_every must be an integer >= 0 (0: off), got {self.monitor_every!r}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number (None: the model's default), got {self.lr!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -372,13 +377,16 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None, on_step: Step
                 with open(r.out / "config.json", "w") as f:
                     json.dump(asdict(cfg), f, indent=1)
         with TrainProgress(cfg.steps, desc, enabled=main and not cfg.quiet, start=r.step) as bar:
+            monitor = ScaleMonitor(r.module, cfg.monitor_every if main else 0, cfg.monitor_patience, log=log,
+                                   bar=bar)
             while r.step < cfg.steps:
                 t0 = time.perf_counter()
                 factor = lr_factor(r.step, cfg.warmup, cfg.steps)
                 for g in r.optimizer.param_groups:
                     g["lr"] = g["base_lr"] * factor
                 x, y = (t.to(r.device) for t in r.sampler.next())
-                loss = r.forward_backward(x, y)
+                with monitor.step(r.step + 1):  # observes casts on checked steps only
+                    loss = r.forward_backward(x, y)
                 loss_v = distributed.mean(float(loss), r.dist)
                 norm, finite = r.grad_norm()
                 if not (finite and math.isfinite(loss_v)):
