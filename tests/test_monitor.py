@@ -346,3 +346,14 @@ def test_config_validation():
 def test_layer_group():
     assert [mon.layer_group(p) for p in ("blocks.3.body.qkv", "blocks.12", "lm_head", "")] == [
         "blocks.3", "blocks.12", "lm_head", "<model>"]
+
+
+def test_progress_bar_shows_worst_offender():
+    from unitscale.train.metrics import TrainProgress
+
+    with TrainProgress(10, "gpt/unit/fp8", enabled=False) as bar:
+        monitor = ScaleMonitor(nn.Linear(2, 2), every=1, bar=bar)
+        monitor.update(1, [stats(flushed=0.2, tensor="activation"), stats(tensor="weight")])
+        shown = " ".join(str(t.description) + " " + " ".join(map(str, t.fields.values()))
+                         for t in bar._progress.tasks)
+    assert "blocks.1.ffn:activation: 20.00% flushed to zero" in shown
