@@ -40,8 +40,8 @@ def text(tmp_path_factory) -> Path:
 
 
 def _train(out: Path, data: Path, *, ranks: int, parallel: str, scaling: str = "unit", steps: int = STEPS,
-           extra: tuple[str, ...] = ()) -> dict:
-    args = ["train", "--model", "gpt", "--scaling", scaling, "--precision", "fp32", "--data", str(data),
+           precision: str = "fp32", extra: tuple[str, ...] = ()) -> dict:
+    args = ["train", "--model", "gpt", "--scaling", scaling, "--precision", precision, "--data", str(data),
             "--steps", str(steps), "--batch-size", "4", "--seq-len", "16", "--warmup", "2",
             "--eval-every", "100", "--eval-windows", "4", "--checkpoint-every", "3", "--seed", "0",
             "--set", "d_model=32", "--set", "n_layers=2", "--set", "n_heads=2",
@@ -77,6 +77,15 @@ def test_two_ranks_match_one_process(tmp_path, text, single, parallel: str) -> N
 def test_standard_model_ddp_matches_one_process(tmp_path, text) -> None:
     one = _train(tmp_path / "one", text, ranks=1, parallel="none", scaling="standard")
     two = _train(tmp_path / "two", text, ranks=2, parallel="ddp", scaling="standard")
+    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fp8_recipe_under_fsdp_matches_one_process(tmp_path, text) -> None:
+    """Quantised recipes run per rank on the rank's rows: simulated FP8 under FSDP2 equals one process."""
+    one = _train(tmp_path / "one", text, ranks=1, parallel="none", precision="fp8")
+    two = _train(tmp_path / "two", text, ranks=2, parallel="fsdp", precision="fp8")
+    assert two["recipe"] == one["recipe"] and "fp8_e4b" in one["recipe"]
     assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-5)
 
 
