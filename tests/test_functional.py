@@ -625,3 +625,60 @@ def test_matmuls_go_through_the_backend(call, n_calls):
 def test_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# -- matmul_scales: the shape → (b, m, n) bookkeeping, checked against rules.matmul_rule -------------------
+
+
+def _terms_per_grad_element(left_shape, right_shape) -> tuple[float, float]:
+    """(b, n) counted by autograd: with all-ones inputs and output gradient, each element of ∂right is the
+    number of terms summed into it (b), each element of ∂left likewise (n); they must be uniform."""
+    left = torch.ones(left_shape, dtype=torch.float64, requires_grad=True)
+    right = torch.ones(right_shape, dtype=torch.float64, requires_grad=True)
+    y = torch.matmul(left, right)
+    g_left, g_right = torch.autograd.grad(y, (left, right), torch.ones_like(y))
+    assert torch.all(g_left == g_left.flatten()[0]) and torch.all(g_right == g_right.flatten()[0])
+    return g_right.flatten()[0].item(), g_left.flatten()[0].item()
+
+
+@pytest.mark.parametrize("constraint", [None, "gmean", "to_output"])
+@pytest.mark.parametrize(
+    ("left", "right"),
+    [
+        ((7, 5), (5, 3)),
+        ((4, 7, 5), (4, 5, 3)),
+        ((2, 4, 7, 5), (5, 3)),  # right broadcast over 8 batch elements: b counts them
+        ((7, 5), (2, 4, 5, 3)),  # left broadcast: n counts them
+        ((2, 1, 7, 5), (1, 3, 5, 9)),  # both broadcast
+        ((6, 1, 5), (6, 5, 1)),
+    ],
+)
+def test_matmul_scales_match_the_rule(left, right, constraint):
+    b, n = _terms_per_grad_element(left, right)
+    want = rules.matmul_rule(b, left[-1], n).resolve(constraint)
+    alpha, beta_left, beta_right = U.matmul_scales(torch.Size(left), list(right), constraint)
+    assert (alpha, beta_left, beta_right) == pytest.approx(
+        (want[0], want[1]["left"], want[1]["right"]), rel=1e-12
+    )
+    # ... and U.matmul applies exactly these factors (float64: the output, both input gradients)
+    _check_exact(
+        lambda a, c: U.matmul(a, c, constraint=constraint),
+        torch.matmul,
+        [left, right],
+        alpha,
+        [beta_left, beta_right],
+    )
+
+
+@pytest.mark.parametrize(
+    ("left", "right", "constraint", "match"),
+    [
+        ((2, 3), (4, 5), "gmean", "\\(2, 3\\) and \\(4, 5\\)"),
+        ((3,), (3, 5), "gmean", "\\(3,\\) and \\(3, 5\\)"),
+        ((2, 2, 3), (3, 3, 5), "gmean", "do not broadcast"),
+        ((2, 3), (3, 5), "mean", "'mean'"),
+    ],
+)
+def test_matmul_scales_errors(left, right, constraint, match):
+    with pytest.raises(ValueError, match=match):
+        U.matmul_scales(left, right, constraint)

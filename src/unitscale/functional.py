@@ -31,6 +31,7 @@ __all__ = [
     "linear",
     "linear_readout",
     "matmul",
+    "matmul_scales",
     "relu",
     "residual_add",
     "residual_split",
@@ -57,29 +58,38 @@ def _rows(input: Tensor, width: int, grad_rows: float | None) -> float:
 # -- matmuls -------------------------------------------------------------------------------------------
 
 
-def matmul(left: Tensor, right: Tensor, *, constraint: Constraint = "gmean", precision: Any = None) -> Tensor:
-    """Scaled matmul of two activations, left (…, b, m) @ right (…, m, n).
+def matmul_scales(
+    left_shape: Sequence[int], right_shape: Sequence[int], constraint: Constraint = "gmean"
+) -> tuple[float, float, float]:
+    """(alpha, beta_left, beta_right) of left (…, b₀, m) @ right (…, m, n₀), from ``rules.matmul_rule``.
 
-    alpha = m^-½; beta_left = n^-½; beta_right = b^-½, where b (n) counts every term summed into one
-    element of ∂right (∂left), broadcast batch dims included. Both inputs constrained: gmean (b·m·n)^-⅙.
+    The rule's b (n) is the number of terms summed into one element of ∂right (∂left): with broadcast
+    batch B = broadcast(left[:-2], right[:-2]), b = b₀·ΠB/Πright[:-2] and n = n₀·ΠB/Πleft[:-2]. Then
+    alpha = m^-½, beta_left = n^-½, beta_right = b^-½; gmean (both inputs constrained): (b·m·n)^-⅙.
     """
     check_constraint(constraint)
-    if left.dim() < 2 or right.dim() < 2 or left.shape[-1] != right.shape[-2]:
+    left, right = tuple(left_shape), tuple(right_shape)
+    if len(left) < 2 or len(right) < 2 or left[-1] != right[-2]:
         raise ValueError(
-            f"matmul: shapes {tuple(left.shape)} and {tuple(right.shape)} cannot be multiplied "
-            "(need (..., b, m) @ (..., m, n))"
+            f"matmul: shapes {left} and {right} cannot be multiplied (need (..., b, m) @ (..., m, n))"
         )
     try:
-        batch = torch.broadcast_shapes(left.shape[:-2], right.shape[:-2])
+        batch = math.prod(torch.broadcast_shapes(left[:-2], right[:-2]))
     except RuntimeError as err:
-        raise ValueError(
-            f"matmul: batch dims of {tuple(left.shape)} and {tuple(right.shape)} do not broadcast"
-        ) from err
-    nbatch = math.prod(batch)
-    b = left.shape[-2] * nbatch / math.prod(right.shape[:-2])
-    n = right.shape[-1] * nbatch / math.prod(left.shape[:-2])
-    alpha, betas = rules.matmul_rule(b, left.shape[-1], n).resolve(constraint)
-    return (precision or EXACT).matmul(left, right, alpha=alpha, beta_a=betas["left"], beta_b=betas["right"])
+        raise ValueError(f"matmul: batch dims of {left} and {right} do not broadcast") from err
+    b = left[-2] * batch / math.prod(right[:-2])
+    n = right[-1] * batch / math.prod(left[:-2])
+    alpha, betas = rules.matmul_rule(b, left[-1], n).resolve(constraint)
+    return alpha, betas["left"], betas["right"]
+
+
+def matmul(left: Tensor, right: Tensor, *, constraint: Constraint = "gmean", precision: Any = None) -> Tensor:
+    """Scaled matmul of two activations, left (…, b, m) @ right (…, m, n), scales from
+    :func:`matmul_scales`: alpha = m^-½; beta_left = n^-½; beta_right = b^-½, where b (n) counts every term
+    summed into one element of ∂right (∂left), broadcast batch dims included. gmean: (b·m·n)^-⅙.
+    """
+    alpha, beta_left, beta_right = matmul_scales(left.shape, right.shape, constraint)
+    return (precision or EXACT).matmul(left, right, alpha=alpha, beta_a=beta_left, beta_b=beta_right)
 
 
 def linear(

@@ -11,6 +11,7 @@ edge (it keeps Theorem 5.2). ``target=None`` skips it: the plain unit op (``init
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -47,12 +48,9 @@ def softmax_at(
     return _compensate(y, target, rules.softmax_rule(input.shape[dim], mult).resolve(constraint)[0])
 
 
-def matmul_alpha(left: torch.Size, right: torch.Size, constraint: Constraint) -> float:
-    """The α ``functional.matmul`` resolves for these shapes (b, n count broadcast batch terms)."""
-    batch = math.prod(torch.broadcast_shapes(left[:-2], right[:-2]))
-    b = left[-2] * batch / math.prod(right[:-2])
-    n = right[-1] * batch / math.prod(left[:-2])
-    return rules.matmul_rule(b, left[-1], n).resolve(constraint)[0]
+def matmul_alpha(left: Sequence[int], right: Sequence[int], constraint: Constraint) -> float:
+    """The α ``functional.matmul`` resolves for these shapes (:func:`unitscale.functional.matmul_scales`)."""
+    return U.matmul_scales(left, right, constraint)[0]
 
 
 def matmul_at(
