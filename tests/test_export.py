@@ -28,6 +28,7 @@ from unitscale import models, precision
 from unitscale.export import export, export_program, power_law, unitscale_references
 from unitscale.models.bert import BertConfig, BertEncoder
 from unitscale.precision import Recipe
+from unitscale.transforms import unit_scale
 
 VOCAB = 48
 SMALL = {"seq_len": 16, "d_model": 32, "n_layers": 2, "n_heads": 2}
@@ -264,17 +265,158 @@ def test_transformer_layer_and_plain_bert_export():
         _close(gm(ids, mask), bert(ids, mask))
 
 
+# -- converted models (unitscale.transforms: softmax_at, matmul_at, attention_at, UnitMultiheadAttention) --
+
+
+def _padded_batch(
+    seed: int, batch: int, length: int, vocab=(1000, 2000)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(*vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, length // 2 :] = 0
+    return ids, mask
+
+
 def test_converted_minilm_export():
-    transforms = pytest.importorskip("unitscale.transforms", reason="unitscale.unit_scale has not landed")
-    from unitscale.models.bert import load_minilm
+    """MiniLM classifier → unit_scale (init="keep") → export: plain torch, equal to the converted model and
+    (float32 rounding aside) to the original, also at a batch shape other than the example's."""
+    from unitscale.models.bert import BertClassifier, load_minilm
 
     encoder, _ = load_minilm(max_len=32)
-    unit = transforms.unit_scale(encoder).eval()
-    ids, mask = torch.randint(1000, 2000, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    torch.manual_seed(0)
+    model = BertClassifier(encoder, 11).eval()
+    ids, mask = _padded_batch(0, 2, 12)
+    unit = unit_scale(model, example_inputs=(ids, mask), attention_mask=mask)
     gm = export(unit, ids, mask)
     _plain(gm)
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in gm.modules())  # BERT attention is SDPA
+    for batch in ((ids, mask), _padded_batch(1, 3, 20)):
+        with torch.no_grad():
+            got, want, original = gm(*batch), unit(*batch), model(*batch)
+        _close(got, want)
+        _close(got, original, tol=1e-4)
+
+
+def _encoder_stack(batch_first: bool, norm_first: bool) -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=batch_first, norm_first=norm_first)
+    model = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(32), enable_nested_tensor=False)
+    with torch.no_grad():  # norm gains/biases away from 1/0, as after training
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return model.double().eval()
+
+
+def _src(batch_first: bool, batch: int, length: int, seed: int) -> torch.Tensor:
+    x = torch.randn(batch, length, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return x if batch_first else x.transpose(0, 1)
+
+
+@pytest.mark.parametrize("init", ["keep", "unit"])
+@pytest.mark.parametrize(("batch_first", "norm_first"), [(True, False), (False, True)])
+def test_converted_transformer_encoder_export(batch_first, norm_first, init):
+    """nn.TransformerEncoder → unit_scale (UnitMultiheadAttention) → export: nn.MultiheadAttention again,
+    equal to the converted model (float64, 1e-10) at the example length and another; with init="keep"
+    equal to the original. init="unit" has no target: the attention α(s) is computed in the graph."""
+    model = _encoder_stack(batch_first, norm_first)
+    x = _src(batch_first, 4, 10, seed=1)
+    unit = unit_scale(model, (x,), init=init)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 5:] = pad[2, 2:] = True  # True = padding, as nn.MultiheadAttention
+    for kwargs in ({}, {"src_key_padding_mask": pad}):
+        gm = export(unit, _src(batch_first, 3, 7, seed=3), **kwargs)
+        _plain(gm)
+        assert sum(type(m) is nn.MultiheadAttention for m in gm.modules()) == 2
+        for batch, length in ((4, 10), (3, 7)):
+            if kwargs and (batch, length) != (3, 7):
+                continue
+            src = _src(batch_first, batch, length, seed=batch)
+            with torch.no_grad():
+                got, want = gm(src, **kwargs), unit(src, **kwargs)
+                _close(got, want, tol=1e-10)
+                if init == "keep":
+                    _close(got, model(src, **kwargs), tol=1e-10)
+
+
+class _Attention(nn.Module):
+    """Explicit attention (torch.matmul, softmax) and two nn.MultiheadAttention: cross-attention with
+    kdim ≠ embed_dim and no biases (need_weights), and sequence-first self-attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.cross = nn.MultiheadAttention(16, 2, bias=False, kdim=8, vdim=8, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(16, 4)
+
+    def forward(self, x, y):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        h = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+        h, weights = self.cross(h, y, y)
+        t = h.transpose(0, 1)
+        return self.self_attn(t, t, t, need_weights=False)[0].transpose(0, 1), weights
+
+
+@pytest.mark.parametrize("init", ["keep", "unit"])
+def test_converted_attention_ops_export(init):
+    """softmax_at / matmul_at / attention weights (with and without a target) and both MHA layouts."""
+    torch.manual_seed(0)
+    model = _Attention().double().eval()
+    g = torch.Generator().manual_seed(0)
+
+    def inputs(b, t, s):
+        return torch.randn(b, t, 16, dtype=torch.float64, generator=g), torch.randn(
+            b, s, 8, dtype=torch.float64, generator=g
+        )
+
+    example = inputs(3, 5, 7)
+    unit = unit_scale(model, example, init=init)
+    names = {n.target.__name__ for n in unit.graph.nodes if n.op == "call_function"}
+    assert {"softmax_at", "matmul_at"} <= names
+    gm = export(unit, *example)
+    _plain(gm)
+    for args in (example, inputs(2, 9, 4)):
+        with torch.no_grad():
+            for got, want, original in zip(gm(*args), unit(*args), model(*args), strict=True):
+                _close(got, want, tol=1e-10)
+                if init == "keep":
+                    _close(got, original, tol=1e-10)
+
+
+def test_nested_converted_module_export():
+    """A converted submodule inside a plain model: its graph's unitscale calls are found too."""
+    model = _encoder_stack(True, False)
+    x = _src(True, 2, 6, seed=0)
+    wrapper = nn.Sequential(nn.Linear(32, 32).double(), unit_scale(model, (x,)))
+    gm = export(wrapper, x)
+    _plain(gm)
     with torch.no_grad():
-        _close(gm(ids, mask), unit(ids, mask), tol=1e-4)
+        _close(gm(x), wrapper(x), tol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("left", "right", "b", "n"),
+    [
+        ((7, 5), (5, 3), 7, 3),
+        ((2, 4, 7, 5), (5, 3), 56, 3),  # right reused by 8 batch elements: b = 7·8
+        ((7, 5), (2, 4, 5, 3), 7, 24),  # left reused: n = 3·8
+        ((2, 1, 7, 5), (1, 3, 5, 9), 14, 27),  # batch 6: b = 7·6/3, n = 9·6/2
+    ],
+)
+def test_matmul_export_broadcast_closed_form(left, right, b, n):
+    """U.matmul exports as torch.matmul · (b·m·n)^-⅙ (gmean), b and n written out here, at any shapes."""
+
+    class MatMul(nn.Module):
+        def forward(self, a, c):
+            return U.matmul(a, c)
+
+    gm = export(MatMul())
+    _plain(gm)
+    g = torch.Generator().manual_seed(0)
+    a, c = (torch.randn(s, dtype=torch.float64, generator=g) for s in (left, right))
+    _close(gm(a, c), torch.matmul(a, c) * (b * left[-1] * n) ** (-1 / 6), tol=1e-12)
 
 
 def test_errors():
@@ -394,12 +536,14 @@ CRITICAL = (("lm_head", "bf16"), ("*.body.out", "bf16"), ("*.body.down", "bf16")
 
 
 def test_overrides_plan_apply_and_describe():
-    """fp8 by default, the u-μP critical matmuls in BF16, one of them forced back to fp8 (first match)."""
+    """fp8 by default, the u-μP critical matmuls in BF16, one of them forced back to fp8 (first match).
+    A BF16 override in a float32 model is simulated (bf16 rounding in float32 compute)."""
     model = _model("gpt")
     recipe = Recipe.fp8().with_overrides(("blocks.2.body.out", "fp8"), *CRITICAL)
     rows = {r.path: r for r in precision.plan(model, recipe)}
-    quantised = sorted(p for p, r in rows.items() if r.backend == "simulate")
-    high = sorted(p for p, r in rows.items() if r.backend == "exact")
+    assert all(r.backend == "simulate" for r in rows.values())
+    quantised = sorted(p for p, r in rows.items() if r.recipe.weight_format == "fp8_e4b")
+    high = sorted(p for p, r in rows.items() if r.recipe.weight_format == "bf16")
     assert quantised == [
         "blocks.0.body",  # attention matmuls (QKᵀ, PV)
         "blocks.0.body.qkv",
@@ -411,24 +555,21 @@ def test_overrides_plan_apply_and_describe():
     ]
     assert "blocks.0.body.out" in high and "blocks.2.body.out" in quantised
     assert high == ["blocks.0.body.out", "blocks.1.body.down", "blocks.3.body.down", "lm_head"]
-    assert all(
-        (rows[p].recipe.weight_format, rows[p].recipe.grad_format) == ("fp8_e4b", "fp8_e5b")
-        for p in quantised
-    )
-    assert rows["lm_head"].reason == "override 'lm_head'"
+    assert all(rows[p].recipe.grad_format == "fp8_e5b" for p in quantised)
+    assert all(rows[p].recipe.grad_format == "bf16" for p in high)
+    assert rows["lm_head"].reason.startswith("override 'lm_head'; bf16 rounding simulated")
     assert rows["blocks.2.body.out"].reason == "override 'blocks.2.body.out'"
     assert rows["blocks.0.body.qkv"].reason.startswith("default")
     text = precision.describe(model, recipe)
-    assert text.count("override '*.body.down'") == 2 and "bfloat16" in text
+    assert text.count("override '*.body.down'") == 2 and "bf16/bf16/bf16" in text
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         precision.apply(model, recipe)
     modules = dict(model.named_modules())
-    assert all(modules[p].precision is not None for p in quantised)
-    assert all(modules[p].precision is None for p in high)
+    assert all(modules[p].precision is not None for p in quantised + high)
 
-    # The forced layer really casts to E4M3 (torch's float8 dtype as reference); lm_head really does not.
+    # The forced layer really casts to E4M3, lm_head to BF16 (torch's float8 / bfloat16 as references).
     seen = {}
 
     def keep(path):
@@ -444,7 +585,8 @@ def test_overrides_plan_apply_and_describe():
     for h in hooks:
         h.remove()
     e4m3 = lambda t: t.to(torch.float8_e4m3fn).double()  # noqa: E731
-    for path, cast in (("blocks.2.body.out", e4m3), ("lm_head", lambda t: t.double())):
+    bf16 = lambda t: t.to(torch.bfloat16).double()  # noqa: E731
+    for path, cast in (("blocks.2.body.out", e4m3), ("lm_head", bf16)):
         x, y = seen[path]
         w = modules[path].weight
         alpha = (w.shape[0] * w.shape[1]) ** -0.25 if path != "lm_head" else w.shape[1] ** -0.5

@@ -46,6 +46,7 @@ from unitscale import nn as unn
 from unitscale import rules
 from unitscale import scale as S
 from unitscale.precision import QuantisedLinear
+from unitscale.transforms import _modules as T
 
 __all__ = ["export", "export_program", "unitscale_references"]
 
@@ -185,20 +186,30 @@ def _linear_fn(b: _Builder, node: Node, readout: bool) -> Node:
     return y if p["bias"] is None else b.fn(operator.add, y, p["bias"])
 
 
+def _matmul(b: _Builder, left: Node, right: Node, constraint: Any) -> Node:
+    """torch.matmul · α, α from ``U.matmul_scales`` in the graph. Only the broadcast counts are taken here:
+    left (…, r, m) @ right (…, m, n) has the α of (x, 1, r, m) @ (1, y, m, n), x (y) = how often right
+    (left) is repeated over the broadcast batch, = batch(out) / batch(right (left))."""
+    y = b.fn(torch.matmul, left, right)
+
+    def batch(t: Node) -> Node:
+        return b.fn(operator.truediv, b.rows(t, -1), b.method("size", t, -2))
+
+    sizes = [
+        lambda: b.fn(operator.truediv, batch(y), batch(right)),
+        lambda: b.fn(operator.truediv, batch(y), batch(left)),
+        lambda: b.method("size", left, -2),
+        lambda: b.method("size", left, -1),
+        lambda: b.method("size", right, -1),
+    ]
+    return b.scale(
+        y, lambda s: U.matmul_scales((s[0], 1, s[2], s[3]), (1, s[1], s[3], s[4]), constraint)[0], sizes
+    )
+
+
 def _matmul_fn(b: _Builder, node: Node) -> Node:
     p = _bind(U.matmul, node)
-    left, right, constraint = p["left"], p["right"], _const(p["constraint"], "constraint", "matmul")
-    y = b.fn(torch.matmul, left, right)
-    # b = rows of the output per batch element of right; n = output width × broadcast of left (see U.matmul)
-    out_rows = b.rows(y)
-    sizes = [
-        lambda: b.fn(
-            operator.truediv, out_rows, b.fn(operator.truediv, b.rows(right, -2), b.method("size", right, -1))
-        ),
-        lambda: b.method("size", left, -1),
-        lambda: b.fn(operator.mul, b.method("size", y, -1), b.fn(operator.truediv, out_rows, b.rows(left))),
-    ]
-    return b.scale(y, lambda s: rules.matmul_rule(*s).resolve(constraint)[0], sizes)
+    return _matmul(b, p["left"], p["right"], _const(p["constraint"], "constraint", "matmul"))
 
 
 def _embedding_fn(b: _Builder, node: Node) -> Node:
@@ -339,6 +350,13 @@ def _residual_add_fn(b: _Builder, node: Node) -> Node:
     return _weighted(b, p["skip"], p["branch"], r.betas["skip"], r.betas["branch"])
 
 
+def _attention_alpha(b: _Builder, y: Node, key: Node, dropout_p: float) -> Node:
+    """y · α(s) of unit SDPA, s = key length (key (…, s, d))."""
+    return b.scale(
+        y, lambda s: rules.attention_rule(s[0], dropout_p).alpha, [lambda: b.method("size", key, -2)]
+    )
+
+
 def _sdpa_fn(b: _Builder, node: Node) -> Node:
     p = _bind(U.scaled_dot_product_attention, node)
     dropout_p = _const(p["dropout_p"], "dropout_p", "scaled_dot_product_attention")
@@ -352,10 +370,7 @@ def _sdpa_fn(b: _Builder, node: Node) -> Node:
         p["is_causal"],
         scale=p["scale"],
     )
-    key = p["key"]
-    return b.scale(
-        y, lambda s: rules.attention_rule(s[0], dropout_p).alpha, [lambda: b.method("size", key, -2)]
-    )
+    return _attention_alpha(b, y, p["key"], dropout_p)
 
 
 def _scaled_fn(b: _Builder, node: Node) -> Node:
@@ -365,6 +380,53 @@ def _scaled_fn(b: _Builder, node: Node) -> Node:
 
 def _shared_fn(b: _Builder, node: Node) -> Node:
     return _bind(S.shared, node)["param"]  # identity going forward
+
+
+# -- converters: ops of converted models (unitscale.transforms) ---------------------------------------------
+# ``*_at`` ops are the unit op times target/α(sizes): with a target that is torch op · target (a constant),
+# with target=None (init="unit") the plain unit op, α(sizes) computed in the graph as above.
+
+
+def _softmax_at_fn(b: _Builder, node: Node) -> Node:
+    p = _bind(T.softmax_at, node)
+    x, op = p["input"], "softmax_at"
+    dim, mult, constraint, target = (_const(p[k], k, op) for k in ("dim", "mult", "constraint", "target"))
+    if target is None:
+        return _softmax(b, x, dim, mult, constraint)
+    return b.mul(b.fn(torch.softmax, b.mul(x, mult), dim), target)
+
+
+def _matmul_at_fn(b: _Builder, node: Node) -> Node:
+    p = _bind(T.matmul_at, node)
+    constraint, target = (_const(p[k], k, "matmul_at") for k in ("constraint", "target"))
+    if target is None:
+        return _matmul(b, p["left"], p["right"], constraint)
+    return b.mul(b.fn(torch.matmul, p["left"], p["right"]), target)
+
+
+def _attention_at_fn(b: _Builder, node: Node) -> Node:
+    """SDPA with logit scale ``logit_factor``·(``scale`` or d^-½), d = head size (in the graph)."""
+    p = _bind(T.attention_at, node)
+    op = "attention_at"
+    dropout_p, scale, logit_factor, target = (
+        _const(p[k], k, op) for k in ("dropout_p", "scale", "logit_factor", "target")
+    )
+    query = p["query"]
+    if scale is None:
+        scale = b.fn(operator.mul, b.fn(operator.pow, b.method("size", query, -1), -0.5), logit_factor)
+    else:
+        scale = scale * logit_factor
+    y = b.fn(
+        F.scaled_dot_product_attention,
+        query,
+        p["key"],
+        p["value"],
+        p["attn_mask"],
+        dropout_p,
+        p["is_causal"],
+        scale=scale,
+    )
+    return _attention_alpha(b, y, p["key"], dropout_p) if target is None else b.mul(y, target)
 
 
 @cache
@@ -386,6 +448,9 @@ def _functions() -> dict[Callable, Callable]:
         U.scaled_dot_product_attention: _sdpa_fn,
         S.scaled: _scaled_fn,
         S.shared: _shared_fn,
+        T.softmax_at: _softmax_at_fn,
+        T.matmul_at: _matmul_at_fn,
+        T.attention_at: _attention_at_fn,
     }
     for name in ("relu", "gelu", "silu", "tanh", "sigmoid"):
         table[getattr(U, name)] = _activation_fn(name)
@@ -467,6 +532,65 @@ def _causal_conv_module(b: _Builder, node: Node, m: nn.Module) -> Node:
     return b.method("transpose", b.module(node.target, conv, x), 1, 2)
 
 
+def _projection(m: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(α·W, c) of a projection inside a unit MHA: unit Linear α folded; a plain/quantised Linear α = 1."""
+    alpha = _linear_alpha(m, m.constraint, m.readout) if isinstance(m, unn.Linear) else 1.0
+    return m.weight.detach() * alpha, None if m.bias is None else m.bias.detach()
+
+
+def _bias_or_zeros(bias: Tensor | None, weight: Tensor) -> Tensor:
+    return torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if bias is None else bias
+
+
+def _unit_mha_module(b: _Builder, node: Node, m: T.UnitMultiheadAttention) -> Node | tuple[Node, Node]:
+    """``UnitMultiheadAttention`` → ``nn.MultiheadAttention`` (same call, same outputs, dropout off).
+
+    Its logits are logit_factor·q·kᵀ/√d: logit_factor folds into the query projection (weight and bias).
+    Its attention output carries ``target`` (a constant) and meets out_proj's α_o: both fold into out_proj's
+    weight. With target=None (init="unit") the output carries α(s), s = key length, which is applied in
+    the graph: out = α(s)·(α_o W_o y) + c_o, out_proj's bias kept out of the module.
+    """
+    if m.in_proj is not None:
+        w, c = _projection(m.in_proj)
+        (wq, wk, wv), (cq, ck, cv) = w.chunk(3), (None,) * 3 if c is None else c.chunk(3)
+    else:
+        (wq, cq), (wk, ck), (wv, cv) = (_projection(p) for p in (m.q_proj, m.k_proj, m.v_proj))
+    wq, cq = wq * m.logit_factor, None if cq is None else cq * m.logit_factor
+    wo, co = _projection(m.out_proj)
+    if m.target is not None:
+        wo = wo * m.target
+    has_bias = any(c is not None for c in (cq, ck, cv, co))
+    mha = nn.MultiheadAttention(
+        m.embed_dim, m.num_heads, 0.0, has_bias, kdim=wk.shape[1], vdim=wv.shape[1],
+        batch_first=m.batch_first, device="meta", dtype=wq.dtype,
+    )  # fmt: skip
+    keep_grad = any(p.requires_grad for p in m.parameters())
+
+    def param(t: Tensor) -> nn.Parameter:
+        return nn.Parameter(t.clone().contiguous(), requires_grad=keep_grad)
+
+    if mha._qkv_same_embed_dim:
+        mha.in_proj_weight = param(torch.cat([wq, wk, wv]))
+    else:
+        mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight = param(wq), param(wk), param(wv)
+    mha.out_proj.weight = param(wo)
+    if has_bias:
+        mha.in_proj_bias = param(torch.cat([_bias_or_zeros(t, w) for t, w in ((cq, wq), (ck, wk), (cv, wv))]))
+        mha.out_proj.bias = param(_bias_or_zeros(None if m.target is None else co, wo))
+    b.attrs[node.target] = mha
+    out = b.graph.call_module(node.target, node.args, node.kwargs)
+    if m.target is not None:
+        return out
+    key = inspect.signature(m.forward).bind(*node.args, **node.kwargs).arguments["key"]
+    length = (lambda: b.method("size", key, -2)) if m.batch_first else (lambda: b.method("size", key, 0))
+    y = b.scale(b.fn(operator.getitem, out, 0), lambda s: rules.attention_rule(s[0], 0.0).alpha, [length])
+    if co is not None:
+        target = f"{node.target}_out_bias"
+        b.attrs[target] = param(co)
+        y = b.fn(operator.add, y, b.graph.get_attr(target))
+    return y, b.fn(operator.getitem, out, 1)
+
+
 @cache
 def _modules() -> dict[type, Callable]:
     from unitscale.models.charlm import CausalConv
@@ -480,6 +604,7 @@ def _modules() -> dict[type, Callable]:
         unn.Softmax: _softmax_module,
         unn.Dropout: _dropout_module,
         CausalConv: _causal_conv_module,
+        T.UnitMultiheadAttention: _unit_mha_module,
     }
     for cls, name in (
         (unn.ReLU, "relu"),
