@@ -385,6 +385,16 @@ def test_converted_attention_ops_export(init):
                     _close(got, original, tol=1e-10)
 
 
+def test_converted_export_program_dynamic_length():
+    """init="unit" encoder (attention α(s) in the graph) through torch.export with a dynamic length."""
+    unit = unit_scale(_encoder_stack(True, True), (_src(True, 2, 6, seed=0),), init="unit")
+    length = torch.export.Dim("length", min=2, max=64)
+    program = export_program(unit, (_src(True, 2, 6, seed=0),), dynamic_shapes=({1: length},))
+    src = _src(True, 2, 11, seed=1)
+    with torch.no_grad():
+        _close(program.module()(src), unit(src), tol=1e-10)
+
+
 def test_nested_converted_module_export():
     """A converted submodule inside a plain model: its graph's unitscale calls are found too."""
     model = _encoder_stack(True, False)

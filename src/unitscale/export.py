@@ -11,13 +11,18 @@ as leaves, and replaces each leaf by its plain-torch forward (inference semantic
     unit SDPA                  → F.scaled_dot_product_attention · α(s),  α(s) = √(s/e·(1−p))
     unit softmax / matmul / add → torch op · α(sizes);  cross_entropy → F.cross_entropy
     causal grouped conv (char-LM) → F.pad + nn.Conv1d with weight α·W
+    converted models (``unit_scale``): softmax_at / matmul_at / attention_at → torch op · target
+        (unit op · target/α(sizes)); with target=None (init="unit") as the unit op above
+    UnitMultiheadAttention      → nn.MultiheadAttention: α of each projection and logit_factor folded
+        into in_proj (query part), target·α_o into out_proj; target=None: α(s) applied after out_proj·W
 
 Scales that depend on activation sizes (key length, softmax width, matmul dims, broadcast ratios) are
 computed *in the graph* from ``Tensor.size``/``numel``, so one exported model serves every sequence length.
-Each such scale is fitted as c·Π nᵢ^kᵢ from the op's own rule in ``unitscale.rules`` (checked at several
-sizes, so the rule stays in one place). Where the model's Python code branches on a traced value (a shape
-check, an RNN unrolled over the sequence), the trace needs example inputs and specialises on them; each
-specialisation becomes a ``torch._assert`` guard in the graph, so a mismatching input fails loudly.
+Each such scale is fitted as c·Π nᵢ^kᵢ from the op's own rule in ``unitscale.rules`` (matmul: from
+``functional.matmul_scales``), checked at several sizes, so the rule stays in one place. Where the
+model's Python code branches on a traced value (a shape check, an RNN unrolled over the sequence), the
+trace needs example inputs and specialises on them; each specialisation becomes a ``torch._assert`` guard
+in the graph, so a mismatching input fails loudly.
 
 ``export_program(model, example_args)`` goes one step further, to a ``torch.export.ExportedProgram``.
 The module is callable: ``unitscale.export(model, x)`` is ``unitscale.export.export(model, x)``.
