@@ -12,7 +12,8 @@ HELP = "train a char-LM on Wikipedia or a text file: metrics JSONL, checkpoints,
 # CLI flag -> TrainConfig field, for the options that map one to one (defaults None: "not given").
 _FIELDS = ("model", "scaling", "precision", "optimizer", "lr", "momentum", "weight_decay", "warmup", "steps",
            "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every", "log_every", "seed",
-           "grad_clip", "device", "data", "vocab_min_count", "parallel", "stop_at")
+           "grad_clip", "device", "data", "vocab_min_count", "parallel", "stop_at", "monitor_every",
+           "monitor_patience")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="base LR (default: the model's own default for the optimiser)")
     for name, typ in (("momentum", float), ("weight_decay", float), ("warmup", int), ("steps", int),
                       ("batch_size", int), ("seq_len", int), ("eval_every", int), ("eval_windows", int),
-                      ("checkpoint_every", int), ("log_every", int), ("seed", int), ("vocab_min_count", int)):
+                      ("checkpoint_every", int), ("log_every", int), ("seed", int), ("vocab_min_count", int),
+                      ("monitor_every", int), ("monitor_patience", int)):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ,
                        help=f"default {getattr(d, name)}")
     p.add_argument("--grad-clip", dest="grad_clip", type=float, help="clip the grad norm (default off)")
