@@ -166,11 +166,13 @@ def test_smoke_finetune_learns():
 
 
 @pytest.mark.slow  # ~30 s on a busy 2-core machine: tokenises every article and evaluates ~900 of them
-def test_cli_end_to_end_writes_outputs(tmp_path, capsys):
+@pytest.mark.parametrize("scaling, precision", [("standard", "fp32"), ("unit", "fp8")])
+def test_cli_end_to_end_writes_outputs(tmp_path, capsys, scaling, precision):
     """Two steps on real topic data through `unitscale finetune`: JSONL, summary JSON/markdown, table."""
-    args = ["finetune", "--max-steps", "2", "--train-subset", "64", "--batch-size", "8", "--max-len", "32"]
+    args = ["finetune", "--max-steps", "2", "--train-subset", "64", "--batch-size", "8", "--max-len", "32",
+            "--scaling", scaling, "--precision", precision]
     assert main([*args, "--seeds", "3", "--out", str(tmp_path), "--no-progress"]) == 0
-    run_dir = tmp_path / "standard-fp32"
+    run_dir = tmp_path / f"{scaling}-{precision}"
     records = [json.loads(line) for line in (run_dir / "seed3.jsonl").read_text().splitlines()]
     final = records[-1]
     assert final["event"] == "final" and final["steps"] == 2 and final["train_examples"] == 64
@@ -180,6 +182,7 @@ def test_cli_end_to_end_writes_outputs(tmp_path, capsys):
     assert summary["test_acc"]["mean"] == pytest.approx(100 * final["test_acc"])
     table = (tmp_path / "results.md").read_text()
     assert (
-        table == (run_dir / "summary.md").read_text() and "| standard-fp32 | fp32 | standard | 3 |" in table
+        table == (run_dir / "summary.md").read_text()
+        and f"| {scaling}-{precision} | {precision} | {scaling} | 3 |" in table
     )
-    assert "standard-fp32" in capsys.readouterr().out
+    assert f"{scaling}-{precision}" in capsys.readouterr().out

@@ -55,10 +55,6 @@ def run(args: argparse.Namespace) -> int:
         pooling=args.pooling,
         device=args.device,
     )
-    if config.scaling == "unit":
-        from unitscale.train.finetune import require_unit_scale
-
-        require_unit_scale()  # fail before any data or weights load
     summary = run_finetune(
         config, args.seeds, args.out, show_progress=not args.no_progress, max_steps=args.max_steps
     )
