@@ -42,7 +42,6 @@ matmul1 = P V). A module run twice in one step gets ``#1``, ``#2``… suffixes o
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 import math
 import re
@@ -328,7 +327,6 @@ class ScaleMonitor:
         self.worst: Assessed | None = None
         self.streaks: dict[tuple[str, str], _Streak] = {}
         self._pending: list[_Pending] = []
-        self._bar_fields: bool | None = None
 
     # scheduling -------------------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -423,23 +421,8 @@ class ScaleMonitor:
         return worst_text(self.worst)
 
     def _show(self, step: int) -> None:
-        bar = self.bar
-        if bar is None:
-            return
-        if self._bar_fields is None:
-            params = inspect.signature(bar.update).parameters.values()
-            self._bar_fields = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-        if self._bar_fields:
-            bar.update(step, scales=self.worst_text())
-            return
-        # TrainProgress.update takes no extra fields yet: append to the task's description instead.
-        progress, task = getattr(bar, "_progress", None), getattr(bar, "_task", None)
-        if progress is None or task is None:
-            return
-        base = getattr(self, "_description", None)
-        if base is None:
-            base = self._description = next(t.description for t in progress.tasks if t.id == task)
-        progress.update(task, description=f"{base} | scales {self.worst_text()}")
+        if self.bar is not None:
+            self.bar.update(step, scales=self.worst_text())
 
 
 

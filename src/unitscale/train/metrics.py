@@ -109,10 +109,11 @@ class TrainProgress:
         self._progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[tps]:>8} tok/s  loss {task.fields[loss]}  val BPC {task.fields[bpc]}"),
-            TimeRemainingColumn(), disable=not self.enabled, transient=False,
+            TimeRemainingColumn(), TextColumn("{task.fields[scales]}"), disable=not self.enabled,
+            transient=False,
         )
         self._task = self._progress.add_task(description, total=total, completed=start, tps="-", loss="-",
-                                             bpc="-")
+                                             bpc="-", scales="")
 
     def __enter__(self) -> TrainProgress:
         self._progress.__enter__()
@@ -122,8 +123,11 @@ class TrainProgress:
         self._progress.__exit__(*exc)
 
     def update(self, step: int, *, tokens_per_s: float | None = None, loss: float | None = None,
-               valid_bpc: float | None = None) -> None:
+               valid_bpc: float | None = None, scales: str | None = None) -> None:
+        """Advance to ``step``; ``scales`` is the scale monitor's worst offender (unitscale.monitor)."""
         fields: dict[str, str] = {}
+        if scales is not None:
+            fields["scales"] = f"scales: {scales}"
         if tokens_per_s is not None:
             fields["tps"] = f"{tokens_per_s:,.0f}"
         if loss is not None:
