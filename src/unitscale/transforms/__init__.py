@@ -37,7 +37,6 @@ __all__ = [
     "TraceableTransformerEncoderLayer",
     "UnitMultiheadAttention",
     "attention_at",
-    "export",
     "matmul_at",
     "softmax_at",
     "unit_scale",
@@ -203,10 +202,3 @@ def _record(traced: fx.GraphModule, args: tuple, kwargs: dict) -> dict:
 def _defaults_left_out(root: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     params = list(inspect.signature(root.forward).parameters.values())[len(args) :]
     return {p.name: p.default for p in params if p.name not in kwargs and p.default is not p.empty}
-
-
-def export(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> fx.GraphModule:
-    """Plain-torch export of a unit-scaled model (delegates to :func:`unitscale.export.export`)."""
-    from unitscale.export import export as _export
-
-    return _export(model, *example_args, **example_kwargs)

@@ -38,7 +38,6 @@ from unitscale.transforms import _graph as G
 from unitscale.transforms._modules import (
     UnitMultiheadAttention,
     attention_at,
-    matmul_alpha,
     matmul_at,
     softmax_at,
 )
@@ -671,7 +670,7 @@ class Converter:
         target = None
         if self.o.keep:
             sa, sb = self._shape(a), self._shape(b)
-            target = matmul_alpha(torch.Size(sa), torch.Size(sb), constraint) if sa and sb else 1.0
+            target = U.matmul_scales(sa, sb, constraint)[0] if sa and sb else 1.0
         new = self.call(
             matmul_at, (self.arg(node, a), self.arg(node, b)), {"constraint": constraint, "target": target}
         )

@@ -11,7 +11,6 @@ edge (it keeps Theorem 5.2). ``target=None`` skips it: the plain unit op (``init
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,7 +26,6 @@ __all__ = [
     "TraceableTransformerEncoderLayer",
     "UnitMultiheadAttention",
     "attention_at",
-    "matmul_alpha",
     "matmul_at",
     "softmax_at",
 ]
@@ -48,11 +46,6 @@ def softmax_at(
     return _compensate(y, target, rules.softmax_rule(input.shape[dim], mult).resolve(constraint)[0])
 
 
-def matmul_alpha(left: Sequence[int], right: Sequence[int], constraint: Constraint) -> float:
-    """The α ``functional.matmul`` resolves for these shapes (:func:`unitscale.functional.matmul_scales`)."""
-    return U.matmul_scales(left, right, constraint)[0]
-
-
 def matmul_at(
     left: Tensor,
     right: Tensor,
@@ -63,7 +56,7 @@ def matmul_at(
 ) -> Tensor:
     """Unit matmul of two activations, output factor pinned to ``target``."""
     y = U.matmul(left, right, constraint=constraint, precision=precision)
-    return _compensate(y, target, matmul_alpha(left.shape, right.shape, constraint))
+    return _compensate(y, target, U.matmul_scales(left.shape, right.shape, constraint)[0])
 
 
 def attention_at(
