@@ -63,7 +63,11 @@ def setup(parallel: str, device: torch.device) -> tuple[Dist, torch.device]:
 
 
 def teardown(d: Dist) -> None:
+    """Leave the process group together: a barrier first, so that no rank closes its gloo/NCCL connections
+    while a peer still has collectives in flight (a peer that loses its connection mid-op aborts the
+    process with ``terminate called without an active exception``)."""
     if d.parallel != "none" and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
