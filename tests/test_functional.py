@@ -682,3 +682,32 @@ def test_matmul_scales_match_the_rule(left, right, constraint):
 def test_matmul_scales_errors(left, right, constraint, match):
     with pytest.raises(ValueError, match=match):
         U.matmul_scales(left, right, constraint)
+
+
+def test_attention_probabilities_enter_the_backend_scaled_into_e4m3_normal_range():
+    """The PV matmul receives P·2^8 (rules.ATTENTION_PROBS_SCALE): causal rows at s = 512 carry P ≈ 1/(i+1),
+    mostly below E4M3's smallest normal 2^-6; scaled, almost all are normal and the largest (p = 1, row 0)
+    is 256, below E4M3's max 448."""
+    from unitscale.formats import get_format
+
+    seen: list[torch.Tensor] = []
+
+    class Recording(Exact):
+        def cast_forward(self, t, role):
+            seen.append(t.detach())
+            return t
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 512, 16, generator=g) for _ in range(3))
+    y = U.scaled_dot_product_attention(q, k, v, is_causal=True, precision=Recording())
+    plain = U.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(y, plain, rtol=1e-5, atol=1e-5)
+    probs = seen[2]  # casts: q, kᵀ (QKᵀ), then P, v (PV)
+    e4m3 = get_format("e4m3")
+    assert rules.ATTENTION_PROBS_SCALE == 256 and probs.max().item() == 256 < e4m3.max
+    torch.testing.assert_close(probs.sum(-1), torch.full(probs.shape[:-1], 256.0))
+    nonzero = probs[probs > 0]
+    scaled_subnormal = (nonzero < e4m3.min_normal).float().mean().item()
+    plain_subnormal = (nonzero / 256 < e4m3.min_normal).float().mean().item()
+    print(f"E4M3 subnormal fraction of P: plain {plain_subnormal:.3f}, scaled {scaled_subnormal:.4f}")
+    assert scaled_subnormal < 0.01 and plain_subnormal > 0.5

@@ -172,3 +172,29 @@ def test_autocast_fp16_runs_matmuls_in_fp16_and_keeps_fp32_grads() -> None:
     torch.testing.assert_close(
         lin.weight.grad, torch.ones(4, 8).t() @ x.detach().half().float(), rtol=1e-3, atol=1e-3
     )
+
+
+def test_every_matmul_of_a_converted_bert_is_quantised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """unit_scale(BERT) calls SDPA through an AttentionAt module: apply reaches its QKᵀ and PV matmuls as
+    well as every Linear, and names each (the describe table) by the path of the code it came from."""
+    from unitscale import unit_scale
+    from unitscale.models.bert import BertClassifier, BertConfig, BertEncoder
+    from unitscale.transforms import AttentionAt
+
+    torch.manual_seed(0)
+    n_layers = 2
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=n_layers, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+    model = BertClassifier(BertEncoder(config, with_pooler=False), 3)
+    ids, mask = torch.randint(0, 50, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    unit = apply(unit_scale(model, (ids, mask), attention_mask=mask), "fp8")
+    attention = [m for m in unit.modules() if isinstance(m, AttentionAt)]
+    assert len(attention) == n_layers and all(isinstance(m.precision, Simulate) for m in attention)
+    table = describe(unit, "fp8")
+    assert "layers.0.attention.scaled_dot_product_attention  attention" in table
+    counter = _Counter(monkeypatch)
+    unit(ids, mask).sum().backward()
+    # Per layer: q, k, v, out, up, down linears + QKᵀ and PV; plus the classifier head.
+    linears, matmuls = 6 * n_layers + 1, 2 * n_layers
+    assert counter.forward == {"weight": linears, "activation": linears + 2 * matmuls}
+    assert counter.backward == linears + matmuls

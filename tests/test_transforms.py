@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import unitscale as us
-from unitscale.transforms import UnitMultiheadAttention
+from unitscale.transforms import MatmulAt, UnitMultiheadAttention
 
 # ---------------------------------------------------------------------------------------- test models
 
@@ -285,8 +285,9 @@ def test_graph_shows_scaled_ops_readout_and_taus():
     model, args = _case("pre_norm")
     unit = us.unit_scale(model, args)
     code = unit.code
-    for op in ("residual_split", "residual_add", "weighted_add", "softmax_at", "matmul_at", "gelu"):
+    for op in ("residual_split", "residual_add", "weighted_add", "softmax_at", "gelu"):
         assert op in code, op
+    assert isinstance(unit.get_submodule("blocks.0.matmul"), MatmulAt)  # named after the original's op
     assert unit.get_submodule("head").readout  # after the last residual: cut edge, unconstrained
     assert not unit.get_submodule("blocks.0.fc1").readout
     taus = [r["tau"] for r in unit.unit_scale_info.residuals]

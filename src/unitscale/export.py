@@ -11,7 +11,8 @@ as leaves, and replaces each leaf by its plain-torch forward (inference semantic
     unit SDPA                  → F.scaled_dot_product_attention · α(s),  α(s) = √(s/e·(1−p))
     unit softmax / matmul / add → torch op · α(sizes);  cross_entropy → F.cross_entropy
     causal grouped conv (char-LM) → F.pad + nn.Conv1d with weight α·W
-    converted models (``unit_scale``): softmax_at / matmul_at / attention_at → torch op · target
+    converted models (``unit_scale``): softmax_at / matmul_at / attention_at (functions, or the modules
+        MatmulAt / AttentionAt that converted graphs call) → torch op · target
         (unit op · target/α(sizes)); with target=None (init="unit") as the unit op above
     UnitMultiheadAttention      → nn.MultiheadAttention: α of each projection and logit_factor folded
         into in_proj (query part), target·α_o into out_proj; target=None: α(s) applied after out_proj·W
@@ -402,7 +403,10 @@ def _softmax_at_fn(b: _Builder, node: Node) -> Node:
 
 
 def _matmul_at_fn(b: _Builder, node: Node) -> Node:
-    p = _bind(T.matmul_at, node)
+    return _matmul_at(b, _bind(T.matmul_at, node))
+
+
+def _matmul_at(b: _Builder, p: dict[str, Any]) -> Node:
     constraint, target = (_const(p[k], k, "matmul_at") for k in ("constraint", "target"))
     if target is None:
         return _matmul(b, p["left"], p["right"], constraint)
@@ -410,8 +414,11 @@ def _matmul_at_fn(b: _Builder, node: Node) -> Node:
 
 
 def _attention_at_fn(b: _Builder, node: Node) -> Node:
+    return _attention_at(b, _bind(T.attention_at, node))
+
+
+def _attention_at(b: _Builder, p: dict[str, Any]) -> Node:
     """SDPA with logit scale ``logit_factor``·(``scale`` or d^-½), d = head size (in the graph)."""
-    p = _bind(T.attention_at, node)
     op = "attention_at"
     dropout_p, scale, logit_factor, target = (
         _const(p[k], k, op) for k in ("dropout_p", "scale", "logit_factor", "target")
@@ -596,6 +603,22 @@ def _unit_mha_module(b: _Builder, node: Node, m: T.UnitMultiheadAttention) -> No
     return y, b.fn(operator.getitem, out, 1)
 
 
+def _module_call(node: Node, m: nn.Module) -> dict[str, Any]:
+    """The call's arguments bound to ``m.forward``'s signature (defaults applied), plus m's constants."""
+    bound = inspect.signature(m.forward).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return {**bound.arguments, **{k: getattr(m, k) for k in ("constraint", "target", "logit_factor")
+                                  if hasattr(m, k)}}  # fmt: skip
+
+
+def _matmul_at_module(b: _Builder, node: Node, m: T.MatmulAt) -> Node:
+    return _matmul_at(b, _module_call(node, m))
+
+
+def _attention_at_module(b: _Builder, node: Node, m: T.AttentionAt) -> Node:
+    return _attention_at(b, _module_call(node, m))
+
+
 @cache
 def _modules() -> dict[type, Callable]:
     from unitscale.models.charlm import CausalConv
@@ -610,6 +633,8 @@ def _modules() -> dict[type, Callable]:
         unn.Dropout: _dropout_module,
         CausalConv: _causal_conv_module,
         T.UnitMultiheadAttention: _unit_mha_module,
+        T.MatmulAt: _matmul_at_module,
+        T.AttentionAt: _attention_at_module,
     }
     for cls, name in (
         (unn.ReLU, "relu"),

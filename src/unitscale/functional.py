@@ -440,7 +440,8 @@ def scaled_dot_product_attention(
     Output and q/k/v gradients are scaled by √(s/e·(1−p)), s = key length (equal by construction):
     with unit q, k, v and near-uniform attention the plain output has σ ≈ √(e/s). With ``is_causal`` row i
     sees i+1 keys, so the output σ is larger than 1 (≈ √(ln s) averaged over rows): pair with τ_attn = 0.01.
-    Without a backend torch's fused kernel runs; with one, QKᵀ and PV go through ``precision.matmul``.
+    Without a backend torch's fused kernel runs; with one, QKᵀ and PV go through ``precision.matmul``,
+    P entering PV times ``rules.ATTENTION_PROBS_SCALE`` (2^8) so low-precision casts keep it normal.
     """
     if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2] or query.dim() < 2:
         raise ValueError(
@@ -467,7 +468,10 @@ def scaled_dot_product_attention(
             else logits + attn_mask
         )
     compute = torch.promote_types(logits.dtype, torch.float32)
-    probs = torch.softmax(logits, dim=-1, dtype=compute).to(value.dtype)
+    # P·c enters the backend (c = rules.ATTENTION_PROBS_SCALE, keeps P in the format's normal range);
+    # α = f/c and β_P = 1/c, β_V = f/c give the same output and gradients as f·(P V).
+    c = rules.ATTENTION_PROBS_SCALE
+    probs = (torch.softmax(logits, dim=-1, dtype=compute) * c).to(value.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
-    return precision.matmul(probs, value, alpha=f, beta_b=f)
+    return precision.matmul(probs, value, alpha=f / c, beta_a=1 / c, beta_b=f / c)

@@ -291,6 +291,13 @@ def dropout_rule(p: float) -> OpScales:
     return OpScales(math.sqrt(1 - p), {"input": math.sqrt(1 - p)}, ("input",), "already equal")
 
 
+# Attention probabilities lie in [0, 1] with mean 1/s per row, so at s ≥ 64 most of them sit below E4M3's
+# smallest normal (2^-6) when cast for the PV matmul. Times 2^8 (a power of two: exact in every float
+# format) p ≥ 2^-14 is normal in E4M3 and p = 1 maps to 256 < 448, so no FP8 format overflows; the PV
+# matmul's α and β's take 2^-8 back. A static scale: no amax of P is ever computed.
+ATTENTION_PROBS_SCALE = 256.0
+
+
 def attention_rule(s: int, dropout_p: float = 0.0) -> OpScales:
     """softmax(QKᵀ/√d)·V with key length s (US-2023): the plain output has σ ≈ √(e/s) (near-uniform
     log-normal attention), so output and q/k/v gradients all take √(s/e·(1−p)). Equal by construction."""

@@ -22,6 +22,8 @@ from unitscale.scale import check_constraint
 from unitscale.transforms import _graph
 from unitscale.transforms._convert import Converter, Info, Options
 from unitscale.transforms._modules import (
+    AttentionAt,
+    MatmulAt,
     TraceableTransformerEncoder,
     TraceableTransformerEncoderLayer,
     UnitMultiheadAttention,
@@ -32,7 +34,9 @@ from unitscale.transforms._modules import (
 )
 
 __all__ = [
+    "AttentionAt",
     "Info",
+    "MatmulAt",
     "TraceableTransformerEncoder",
     "TraceableTransformerEncoderLayer",
     "UnitMultiheadAttention",
@@ -168,8 +172,13 @@ def unit_scale(
             raise ValueError(message + " (strict=False keeps them plain, with a warning)")
         warnings.warn(message + "; kept plain at the original scale", stacklevel=2)
     for path, module in conv.install.items():
-        parent, _, name = path.rpartition(".")
-        setattr(traced.get_submodule(parent) if parent else traced, name, module)
+        owner = traced
+        *scopes, name = path.split(".")
+        for scope in scopes:  # fx keeps only the modules its graph called: rebuild a missing scope
+            if not hasattr(owner, scope):
+                setattr(owner, scope, nn.Module())
+            owner = getattr(owner, scope)
+        setattr(owner, name, module)
     out = fx.GraphModule(traced, new_graph, class_name=f"Unit{type(model).__name__}")
     out.delete_all_unused_submodules()
     out.graph.lint()

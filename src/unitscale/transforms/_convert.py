@@ -36,9 +36,9 @@ from unitscale import rules
 from unitscale.scale import scaled
 from unitscale.transforms import _graph as G
 from unitscale.transforms._modules import (
+    AttentionAt,
+    MatmulAt,
     UnitMultiheadAttention,
-    attention_at,
-    matmul_at,
     softmax_at,
 )
 
@@ -278,6 +278,21 @@ class Converter:
 
     def call(self, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
         return self.graph.call_function(target, args, kwargs or {})
+
+    def call_new_module(self, node: fx.Node, module: nn.Module, args: tuple) -> fx.Node:
+        """Call ``module``, installed beside the code ``node`` came from (its module scope) under the node's
+        name, e.g. ``encoder.layer.0.attention.self.scaled_dot_product_attention``: precision.apply and
+        per-path recipe overrides then reach the matmuls a functional call ran."""
+        stack = node.meta.get("nn_module_stack") or {}
+        scope = next(reversed(stack.values()))[0] if stack else ""
+        owner = self.modules.get(scope)
+        base = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.name)
+        name, i = base, 0
+        while (path := f"{scope}.{name}" if scope else name) in self.install or hasattr(owner, name):
+            i += 1  # a second op of that kind in the scope, or an attribute of that name
+            name = f"{base}_{i}"
+        self.install[path] = module
+        return self.graph.call_module(path, args, {})
 
     # -- the pass ----------------------------------------------------------------------------------------
 
@@ -671,8 +686,8 @@ class Converter:
         if self.o.keep:
             sa, sb = self._shape(a), self._shape(b)
             target = U.matmul_scales(sa, sb, constraint)[0] if sa and sb else 1.0
-        new = self.call(
-            matmul_at, (self.arg(node, a), self.arg(node, b)), {"constraint": constraint, "target": target}
+        new = self.call_new_module(
+            node, MatmulAt(constraint=constraint, target=target), (self.arg(node, a), self.arg(node, b))
         )
         return new, self.c(a) * self.c(b) * (target or 1.0)
 
@@ -689,8 +704,8 @@ class Converter:
         args = tuple(
             self.arg(node, t) if isinstance(t, fx.Node) else t for t in (q, k, v, b.get("attn_mask"))
         )
-        kwargs = {"logit_factor": 1.0 / (self.c(q) * self.c(k)), "target": target}
-        new = self.call(attention_at, (*args, p, b.get("is_causal", False), b.get("scale")), kwargs)
+        module = AttentionAt(logit_factor=1.0 / (self.c(q) * self.c(k)), target=target)
+        new = self.call_new_module(node, module, (*args, p, b.get("is_causal", False), b.get("scale")))
         return new, self.c(v) * (target or 1.0)
 
     def _cross_entropy(self, node: fx.Node) -> Any:

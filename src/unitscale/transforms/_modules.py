@@ -22,6 +22,8 @@ from unitscale.nn import Linear
 from unitscale.scale import Constraint, scaled
 
 __all__ = [
+    "AttentionAt",
+    "MatmulAt",
     "TraceableTransformerEncoder",
     "TraceableTransformerEncoderLayer",
     "UnitMultiheadAttention",
@@ -79,6 +81,56 @@ def attention_at(
         query, key, value, attn_mask, dropout_p, is_causal, scale=base * logit_factor, precision=precision
     )
     return _compensate(y, target, rules.attention_rule(key.shape[-2], dropout_p).alpha)
+
+
+class MatmulAt(nn.Module):
+    """``matmul_at`` as a module, so that ``precision.apply`` reaches the matmul (its ``precision``) and a
+    recipe override can name it by path; converted graphs call it where the original multiplied two
+    activations."""
+
+    matmul_kind = "attention"
+
+    def __init__(self, *, constraint: Constraint = "gmean", target: float | None = None):
+        super().__init__()
+        self.constraint, self.target = constraint, target
+        self.precision: Any = None
+
+    def forward(self, left: Tensor, right: Tensor) -> Tensor:
+        p = self.precision
+        return matmul_at(left, right, constraint=self.constraint, target=self.target, precision=p)
+
+    def extra_repr(self) -> str:
+        return f"constraint={self.constraint!r}, target={self.target}"
+
+
+class AttentionAt(nn.Module):
+    """``attention_at`` as a module (same arguments as ``F.scaled_dot_product_attention``), so that
+    ``precision.apply`` reaches its QKᵀ and PV matmuls; converted graphs call it in place of SDPA."""
+
+    matmul_kind = "attention"
+
+    def __init__(self, *, logit_factor: float = 1.0, target: float | None = None):
+        super().__init__()
+        self.logit_factor, self.target = logit_factor, target
+        self.precision: Any = None
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+    ) -> Tensor:
+        return attention_at(
+            query, key, value, attn_mask, dropout_p, is_causal, scale,
+            logit_factor=self.logit_factor, target=self.target, precision=self.precision,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"logit_factor={self.logit_factor:.6g}, target={self.target}"
 
 
 def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
