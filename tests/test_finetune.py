@@ -186,3 +186,23 @@ def test_cli_end_to_end_writes_outputs(tmp_path, capsys, scaling, precision):
         and f"| {scaling}-{precision} | {precision} | {scaling} | 3 |" in table
     )
     assert f"{scaling}-{precision}" in capsys.readouterr().out
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_collect_plot_draws_every_run_and_seed(tmp_path):
+    """results.png from the seed JSONL files of two runs (one with a single seed); nothing without runs."""
+    import matplotlib.image
+
+    from unitscale.train.finetune import collect_plot
+
+    assert collect_plot(tmp_path) is None
+    for run, seeds in (("standard-fp32", (0, 1)), ("unit-fp8", (0,))):
+        (tmp_path / run).mkdir()
+        for seed in seeds:
+            lines = [{"seed": seed, "step": s, "loss": 2.4 / s} for s in range(10, 60, 10)]
+            lines.append({"seed": seed, "event": "final", "valid_acc": 0.9 + seed / 100, "test_acc": 0.93})
+            (tmp_path / run / f"seed{seed}.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    path = collect_plot(tmp_path)
+    assert path == tmp_path / "results.png"
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert (width, height) == (1440, 576)  # 12 × 4.8 inches at 120 dpi

@@ -61,5 +61,6 @@ def run(args: argparse.Namespace) -> int:
     from unitscale.train.finetune import markdown_table
 
     print(markdown_table([summary]), end="")  # plain print: a markdown table must not be wrapped
-    print(f"wrote {args.out}/{config.run_name}/summary.json, summary.md and {args.out}/results.md")
+    out = args.out
+    print(f"wrote {out}/{config.run_name}/summary.json, summary.md, {out}/results.md and {out}/results.png")
     return 1 if summary["diverged"] else 0

@@ -4,7 +4,7 @@ One seed: classifier = MiniLM encoder + mean pooling + linear head; AdamW (no de
 rate linear warm-up over ``warmup`` of the steps then linear decay to 0; cross-entropy; accuracy on the
 valid and test splits at the end. Metrics go to ``<out>/<run>/seed<k>.jsonl``; over seeds, accuracy
 mean ± sample std goes to ``<out>/<run>/summary.json`` and ``summary.md``, and every run under ``out`` is
-gathered into ``<out>/results.md``.
+gathered into ``<out>/results.md`` and drawn in ``<out>/results.png`` (loss curves, accuracy per run).
 """
 
 from __future__ import annotations
@@ -328,6 +328,55 @@ def collect_table(out: str | Path) -> str:
     return table
 
 
+def collect_plot(out: str | Path) -> Path | None:
+    """``<out>/results.png``: left, training loss against step for every run under ``out`` (mean over
+    seeds, each seed faint); right, valid and test accuracy per run (one dot per seed, mean ± std bar).
+    None when no run has records yet."""
+    out = Path(out)
+    runs: dict[str, list[list[dict[str, Any]]]] = {}
+    for path in sorted(out.glob("*/seed*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        runs.setdefault(path.parent.name, []).append(records)
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120, width_ratios=(3, 2))
+    for k, (name, seeds) in enumerate(runs.items()):
+        color = f"C{k}"
+        curves = [{r["step"]: r["loss"] for r in recs if "step" in r and "loss" in r} for recs in seeds]
+        for curve in curves:
+            ax_loss.plot(list(curve), list(curve.values()), color=color, lw=0.6, alpha=0.3)
+        common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if common:
+            mean = [statistics.fmean(c[step] for c in curves) for step in common]
+            ax_loss.plot(common, mean, color=color, lw=1.8, label=f"{name} ({len(curves)} seeds)")
+        finals = [r for recs in seeds for r in recs if r.get("event") == "final"]
+        for j, split in enumerate(("valid_acc", "test_acc")):
+            values = [100 * r[split] for r in finals]
+            if not values:
+                continue
+            x = j + (k - (len(runs) - 1) / 2) * 0.8 / max(len(runs), 1)
+            ax_acc.plot([x] * len(values), values, "o", color=color, ms=4, alpha=0.6)
+            m, sd = mean_std(values)
+            sd = 0.0 if math.isnan(sd) else sd  # one seed: no bar
+            ax_acc.errorbar([x], [m], yerr=[sd], color=color, capsize=4, marker="_", ms=14,
+                            label=name if j == 0 else None)  # fmt: skip
+    ax_loss.set(xlabel="step", ylabel="training loss (nats)", title="fine-tuning loss")
+    ax_acc.set(xticks=[0, 1], xticklabels=["valid", "test"], ylabel="accuracy (%)", title="final accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "results.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def load_data(config: FinetuneConfig) -> dict[str, TopicData]:
     return {split: load_topics(split, config.max_len) for split in ("train", "valid", "test")}
 
@@ -375,4 +424,5 @@ def run(
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "summary.md").write_text(markdown_table([summary]))
     collect_table(out)
+    collect_plot(out)
     return summary
