@@ -47,6 +47,7 @@ def test_sweep_runs_resumes_and_reports(tmp_path, tiny, monkeypatch) -> None:
     text = report.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| gpt")]
     assert len(rows) == 5
+    assert "† best LR at the edge" in text  # two LRs per cell: every best LR is at an edge
     assert (out / "sweep.png").stat().st_size > 10_000
     # the best LR per cell is the one with the lowest validation BPC among that cell's runs
     cell = out / "gpt__unit__fp8__adam"
@@ -58,3 +59,15 @@ def test_sweep_runs_resumes_and_reports(tmp_path, tiny, monkeypatch) -> None:
     monkeypatch.setattr("unitscale.train.loop.train", lambda cfg: calls.append(cfg))
     sweep.run(out, "tiny", **kw)  # everything finished: nothing is trained again
     assert calls == []
+
+
+def test_best_lr_at_the_edge_of_the_grid_is_flagged() -> None:
+    def row(lr: float, bpc: float, precision: str = "fp32") -> dict:
+        return {"family": "gpt", "scaling": "unit", "precision": precision, "optimizer": "adam", "lr": lr,
+                "valid_bpc": bpc}
+
+    rows = [row(0.25, 3.0), row(1.0, 2.0), row(4.0, 2.5),  # fp32: interior minimum
+            row(0.25, 3.0, "fp8"), row(1.0, 2.9, "fp8"), row(4.0, 2.8, "fp8")]  # fp8: best at the top LR
+    best = sweep.best_per_cell(rows)
+    assert best[("gpt", "unit", "fp8", "adam")]["lr"] == 4.0
+    assert sweep.at_edge(rows, best) == {("gpt", "unit", "fp8", "adam")}
