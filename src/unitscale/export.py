@@ -603,20 +603,19 @@ def _unit_mha_module(b: _Builder, node: Node, m: T.UnitMultiheadAttention) -> No
     return y, b.fn(operator.getitem, out, 1)
 
 
-def _module_call(node: Node, m: nn.Module) -> dict[str, Any]:
-    """The call's arguments bound to ``m.forward``'s signature (defaults applied), plus m's constants."""
+def _module_call(node: Node, m: nn.Module, constants: tuple[str, ...]) -> dict[str, Any]:
+    """The call's arguments bound to ``m.forward``'s signature (defaults applied), plus m's ``constants``."""
     bound = inspect.signature(m.forward).bind(*node.args, **node.kwargs)
     bound.apply_defaults()
-    return {**bound.arguments, **{k: getattr(m, k) for k in ("constraint", "target", "logit_factor")
-                                  if hasattr(m, k)}}  # fmt: skip
+    return {**bound.arguments, **{k: getattr(m, k) for k in constants}}
 
 
 def _matmul_at_module(b: _Builder, node: Node, m: T.MatmulAt) -> Node:
-    return _matmul_at(b, _module_call(node, m))
+    return _matmul_at(b, _module_call(node, m, ("constraint", "target")))
 
 
 def _attention_at_module(b: _Builder, node: Node, m: T.AttentionAt) -> Node:
-    return _attention_at(b, _module_call(node, m))
+    return _attention_at(b, _module_call(node, m, ("logit_factor", "target")))
 
 
 @cache

@@ -350,7 +350,7 @@ def collect_plot(out: str | Path) -> Path | None:
         curves = [{r["step"]: r["loss"] for r in recs if "step" in r and "loss" in r} for recs in seeds]
         for curve in curves:
             ax_loss.plot(list(curve), list(curve.values()), color=color, lw=0.6, alpha=0.3)
-        common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        common = sorted(set.intersection(*(set(c) for c in curves)))  # steps every seed has logged
         if common:
             mean = [statistics.fmean(c[step] for c in curves) for step in common]
             ax_loss.plot(common, mean, color=color, lw=1.8, label=f"{name} ({len(curves)} seeds)")
@@ -359,7 +359,7 @@ def collect_plot(out: str | Path) -> Path | None:
             values = [100 * r[split] for r in finals]
             if not values:
                 continue
-            x = j + (k - (len(runs) - 1) / 2) * 0.8 / max(len(runs), 1)
+            x = j + (k - (len(runs) - 1) / 2) * 0.8 / len(runs)
             ax_acc.plot([x] * len(values), values, "o", color=color, ms=4, alpha=0.6)
             m, sd = mean_std(values)
             sd = 0.0 if math.isnan(sd) else sd  # one seed: no bar
