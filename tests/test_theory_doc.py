@@ -59,8 +59,13 @@ def test_citation_parser_on_known_text():
         "    # docs/theory.md, Attention probability scale\n"
         '    (docs/theory.md, No such section)"""'
     )
-    assert citations(text) == ["Linear", "Cut edges and constraints", "Proposition 5.1 and Theorem 5.2",
-                               "Attention probability scale", "No such section"]
+    assert citations(text) == [
+        "Linear",
+        "Cut edges and constraints",
+        "Proposition 5.1 and Theorem 5.2",
+        "Attention probability scale",
+        "No such section",
+    ]
     assert "No such section" not in headings(THEORY.read_text(encoding="utf-8"))
 
 
