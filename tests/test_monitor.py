@@ -297,16 +297,6 @@ class TinyLM(nn.Module):
         return logits, loss
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    rng = random.Random(0)
-    words = ["unit", "scaling", "fp8", "keeps", "tensors", "near", "one"]
-    text = " ".join(rng.choice(words) for _ in range(3000))
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(text)
-    return path
-
-
 def run_cfg(tmp_path, text_file, name, **kw) -> TrainConfig:
     base = dict(model="tiny", precision="fp8", lr=1e-2, warmup=2, steps=8, batch_size=4, seq_len=16,
                 eval_every=8, eval_windows=4, checkpoint_every=8, log_every=1, data=str(text_file),
