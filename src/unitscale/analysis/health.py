@@ -64,8 +64,9 @@ class TensorStats:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
 
 
-def stats_from_counts(module: str, tensor: str, role: str, fmt: str | Format, counts: Sequence[float],
-                      rms: float) -> TensorStats:
+def stats_from_counts(
+    module: str, tensor: str, role: str, fmt: str | Format, counts: Sequence[float], rms: float
+) -> TensorStats:
     """TensorStats from a :func:`formats.range_counts` vector and the RMS of the finite values (the
     ``range`` and ``rms`` of :func:`unitscale.analysis.stats.tensor_stats`); pure.
 
@@ -76,9 +77,18 @@ def stats_from_counts(module: str, tensor: str, role: str, fmt: str | Format, co
         raise ValueError(f"counts must be the 6 range_counts buckets, got {len(counts)} values")
     numel, nonfinite = sum(counts), counts[5]
     frac = fractions_from_counts(counts)
-    return TensorStats(module, tensor, role, get_format(fmt).name, math.nan if nonfinite else float(rms),
-                       frac["overflow"], frac["subnormal"], frac["underflow"],
-                       nonfinite / numel if numel else 0.0, sum(counts[1:5]))
+    return TensorStats(
+        module,
+        tensor,
+        role,
+        get_format(fmt).name,
+        math.nan if nonfinite else float(rms),
+        frac["overflow"],
+        frac["subnormal"],
+        frac["underflow"],
+        nonfinite / numel if numel else 0.0,
+        sum(counts[1:5]),
+    )
 
 
 @dataclass(frozen=True)
@@ -112,16 +122,24 @@ class ComfortRule:
         lo, hi = self.band(s.format)
         fmt = get_format(s.format)
         terms: list[tuple[float, str]] = [
-            (_ratio(s.overflow, self.max_overflow),
-             f"{s.overflow:.2e} overflow beyond ±{fmt.max:g} (limit {self.max_overflow:g})"),
-            (_ratio(s.underflow, self.max_underflow),
-             f"{s.underflow:.2%} underflow to zero (limit {self.max_underflow:.2%})"),
+            (
+                _ratio(s.overflow, self.max_overflow),
+                f"{s.overflow:.2e} overflow beyond ±{fmt.max:g} (limit {self.max_overflow:g})",
+            ),
+            (
+                _ratio(s.underflow, self.max_underflow),
+                f"{s.underflow:.2%} underflow to zero (limit {self.max_underflow:.2%})",
+            ),
         ]
         if s.nonzero > 0:
             log2_rms = math.log2(s.rms) if s.rms > 0 else -math.inf
             side = "below" if log2_rms < lo else "above"
-            terms.append((2.0 ** max(lo - log2_rms, log2_rms - hi),
-                          f"RMS 2^{log2_rms:.2f} {side} the comfortable band [2^{lo:.2f}, 2^{hi:.2f}]"))
+            terms.append(
+                (
+                    2.0 ** max(lo - log2_rms, log2_rms - hi),
+                    f"RMS 2^{log2_rms:.2f} {side} the comfortable band [2^{lo:.2f}, 2^{hi:.2f}]",
+                )
+            )
         score, reason = max(terms, key=lambda t: t[0])
         return score, (f"{reason} of {s.format}" if score > 1 else "")
 

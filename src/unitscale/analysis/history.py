@@ -76,8 +76,6 @@ def scale_history(
                 log2_rms=[sum(v) / len(v) if v else math.nan for v in finite],
                 log2_rms_min=[min(v) if v else math.nan for v in finite],
                 log2_rms_max=[max(v) if v else math.nan for v in finite],
-                fractions={
-                    k: [max((r.get(k) or 0.0) for r in by_step[s]) for s in steps] for k in FRACTIONS
-                },
+                fractions={k: [max((r.get(k) or 0.0) for r in by_step[s]) for s in steps] for k in FRACTIONS},
             )
     return out, formats
