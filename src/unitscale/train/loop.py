@@ -3,9 +3,11 @@
 Plain SGD / Adam / AdamW with linear warm-up and cosine decay, no gradient clipping unless asked (the
 paper's point is that unit scaling needs no tricks). Deterministic for a fixed seed: parameters come from
 ``torch.manual_seed(seed)``, batches from the sampler's own generator, and a checkpoint carries every
-piece of state (model, optimiser, schedule step, global RNG, sampler RNG, vocabulary, config), so a resumed
-run continues bit for bit. A non-finite loss or gradient stops the run before the optimiser step, names
-the step and the first tensor that overflowed, and leaves the last good checkpoint untouched.
+piece of state (model, optimiser, schedule step, global RNG, sampler RNG, vocabulary, config, the data's
+fingerprint), so a resumed run continues bit for bit. A non-finite loss or gradient stops the run before
+the optimiser step, names the step and the first tensor that overflowed, and leaves the last good
+checkpoint untouched. The run directory is locked for the run (``unitscale.train.rundir``); SIGINT and
+SIGTERM stop the run at the next step boundary after a checkpoint (on every rank together under torchrun).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,18 +30,27 @@ from torch import Tensor, nn
 
 from unitscale.monitor import ScaleMonitor
 from unitscale.scale import scaled
-from unitscale.train import checkpoint, distributed
-from unitscale.train.data import BatchSampler, Vocab, eval_windows, load_corpus
+from unitscale.train import checkpoint, distributed, rundir
+from unitscale.train.data import BatchSampler, Vocab, eval_windows, fingerprint, load_corpus, resolve_source
 from unitscale.train.metrics import MetricsLog, TrainProgress, bpc, evaluate_bpc, plot_curves, read_jsonl
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "sgd")
 SCALINGS: tuple[str, ...] = ("unit", "standard")
 FALLBACK_LR = 1e-3  # only for models without default_lr()
 # Fields a resumed run may change without leaving the original trajectory (steps extends the schedule).
+# ``data`` may name another path to the same content: the data's fingerprint is compared instead.
 RESUME_FREE: frozenset[str] = frozenset({
     "steps", "out_dir", "resume", "quiet", "eval_every", "checkpoint_every", "log_every", "stop_on_nonfinite",
-    "parallel", "stop_at", "device", "monitor_every", "monitor_patience",
+    "parallel", "stop_at", "device", "monitor_every", "monitor_patience", "data", "allow_data_change",
+    "overwrite", "tensorboard",
 })
+# Model options that other settings own: --set cannot change them.
+RESERVED_MODEL_OPTIONS: dict[str, str] = {
+    "scaling": "--scaling", "vocab_size": "the data's vocabulary", "seq_len": "--seq-len",
+}
+# Files that mark a directory as holding a run (``rundir.claim``), removed by --overwrite.
+RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "checkpoint.prev.pt", "checkpoint.pt.corrupt", "metrics.jsonl",
+                              "summary.json", "config.json", "loss.png", "tensorboard")
 
 ModelFn = Callable[["TrainConfig", int], nn.Module]
 StepHook = Callable[[int, nn.Module, float], None]
@@ -69,7 +82,10 @@ class TrainConfig:
     vocab_min_count: int = 1  # characters rarer than this in train map to the unknown id
     out_dir: str = "runs/train"
     resume: bool = False
-    quiet: bool = False
+    overwrite: bool = False  # replace a run already in out_dir (without it, a fresh run there is refused)
+    allow_data_change: bool = False  # resume even though the data file's content changed
+    tensorboard: bool = True  # also log to out_dir/tensorboard when the tensorboard package is installed
+    quiet: bool = False  # no progress bar
     stop_on_nonfinite: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)
     parallel: str = "none"  # "ddp" | "fsdp" under torchrun (see train.distributed)
@@ -104,6 +120,10 @@ class TrainConfig:
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ValueError(f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay!r}, "
                              f"{self.momentum!r}")
+        for key, owner in RESERVED_MODEL_OPTIONS.items():
+            if key in self.model_overrides:
+                raise ValueError(f"--set {key}={self.model_overrides[key]!r}: {key} is set by {owner}, not "
+                                 "--set; accepted: any other model option")
 
 
 class NonFiniteError(RuntimeError):
@@ -147,8 +167,25 @@ def build_model(config: TrainConfig, vocab_size: int) -> nn.Module:
     """The registry model ``config.model`` with the run's scaling, sequence length and overrides."""
     from unitscale.models import build
 
+    check_model_options(config.model_overrides)
     overrides = {"seq_len": config.seq_len, **config.model_overrides}
     return build(config.model, vocab_size, scaling=config.scaling, **overrides)
+
+
+def check_model_options(options: dict[str, Any]) -> None:
+    """Each --set value has its option's type (int, float, bool or str): a one-line error otherwise."""
+    from unitscale.models import CharLMConfig
+
+    defaults = CharLMConfig()
+    for key, value in options.items():
+        if not hasattr(defaults, key):
+            continue  # unknown names: models.build lists the accepted ones
+        default = getattr(defaults, key)
+        kind = type(default)
+        ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or (
+            kind is float and isinstance(value, int) and not isinstance(value, bool)) or kind is dict
+        if not ok:
+            raise ValueError(f"--set {key}={value!r}: expected {kind.__name__} (e.g. {key}={default!r})")
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -234,13 +271,32 @@ class _Run:
         config.validate()
         if model_fn is None:
             check_names(config)
+        config = dataclasses.replace(config, data=resolve_source(config.data))
         self.recipe = get_recipe(config.precision)
         self.dist, self.device = distributed.setup(config.parallel, resolve_device(config.device))
         self.out = Path(config.out_dir)
         self.ckpt_path = self.out / checkpoint.CHECKPOINT_NAME
-        self.state = checkpoint.load(self.ckpt_path) if config.resume else None
+        # Rank 0 owns the directory: it locks it first, so nothing below can disturb another live run.
+        self.lock = rundir.RunLock(self.out).acquire() if self.dist.is_main else None
+        try:
+            self._setup(config, model_fn, apply)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def _setup(self, config: TrainConfig, model_fn: ModelFn | None, apply: Callable) -> None:
+        if self.dist.is_main:
+            rundir.claim(self.out, resume=config.resume, overwrite=config.overwrite, markers=RUN_FILES)
+            checkpoint.clean_temporaries(self.ckpt_path)
+        self.state = self._load_state() if config.resume else None
+        self.data = fingerprint(config.data)
         if self.state is not None:
             _check_resumable(config, self.state["config"])
+            _check_data(self.state.get("data"), self.data, config.allow_data_change)
         vocab = Vocab.from_dict(self.state["vocab"]) if self.state else None
         self.corpus = load_corpus(config.data, min_count=config.vocab_min_count, vocab=vocab)
         self.config = config
@@ -270,6 +326,16 @@ class _Run:
         self.autocast: Callable[[], contextlib.AbstractContextManager] = (
             contextlib.nullcontext if dtype == torch.float32
             else functools.partial(torch.autocast, self.device.type, dtype=dtype))
+
+    def _load_state(self) -> dict[str, Any]:
+        """The newest readable checkpoint; a corrupt newest one is named, set aside, the previous used."""
+        state, _, problem = checkpoint.load_latest(self.ckpt_path)
+        if problem is not None and self.dist.is_main:
+            print(f"unitscale train: warning: {problem}", file=sys.stderr)
+            bad = checkpoint.set_aside(self.ckpt_path)
+            if bad is not None:
+                print(f"unitscale train: the unreadable file was renamed to {bad}", file=sys.stderr)
+        return state
 
     # one step ---------------------------------------------------------------------------------------------
     def forward_backward(self, x: Tensor, y: Tensor) -> Tensor:
@@ -309,6 +375,7 @@ class _Run:
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
             "sampler": self.sampler.state_dict(), "vocab": self.corpus.vocab.to_dict(), "wall_s": self.wall,
+            "data": self.data,
         }, self.ckpt_path)
         self.ckpt_step = self.step
 
@@ -336,6 +403,16 @@ def _item(t: Tensor) -> float:
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
+def _check_data(saved: dict[str, Any] | None, now: dict[str, Any], allow: bool) -> None:
+    """A resumed run trains on the data its checkpoint was trained on, unless ``allow``."""
+    if saved is None or allow or (saved.get("size"), saved.get("sha256")) == (now["size"], now["sha256"]):
+        return
+    was = f"{saved.get('source')} ({saved.get('size')} bytes, sha256 {str(saved.get('sha256'))[:16]}…)"
+    raise ValueError(f"--resume: the data changed since the checkpoint: {now['source']} now has "
+                     f"{now['size']} bytes, sha256 {now['sha256'][:16]}…, but the run was trained on {was}; "
+                     "pass --allow-data-change to continue on the new data")
+
+
 def _check_resumable(config: TrainConfig, saved: dict[str, Any]) -> None:
     now = asdict(config)
     changed = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
@@ -346,8 +423,8 @@ def _check_resumable(config: TrainConfig, saved: dict[str, Any]) -> None:
 
 
 def config_from_checkpoint(out_dir: str | Path) -> TrainConfig:
-    """The TrainConfig saved in ``out_dir``'s checkpoint (for resuming with nothing else given)."""
-    saved = checkpoint.load(Path(out_dir) / checkpoint.CHECKPOINT_NAME)["config"]
+    """The TrainConfig saved in ``out_dir``'s newest readable checkpoint (to resume with nothing else)."""
+    saved = checkpoint.load_latest(Path(out_dir) / checkpoint.CHECKPOINT_NAME)[0]["config"]
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in saved.items() if k in known})
 
@@ -356,27 +433,47 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None, on_step: Step
           ) -> dict[str, Any]:
     """Train (or resume with ``config.resume``) and return the summary also written to summary.json.
 
-    ``out_dir`` receives metrics.jsonl, checkpoint.pt (atomic, every ``checkpoint_every`` steps and at the
-    end), loss.png and summary.json. ``model_fn(config, vocab_size)`` replaces the model registry (tests);
-    ``on_step(step, model, loss)`` is called after every optimiser step. A non-finite step raises
-    NonFiniteError (or ends the run with status "diverged" when ``stop_on_nonfinite`` is False).
+    ``out_dir`` receives metrics.jsonl (and TensorBoard events in ``tensorboard/`` when that package is
+    installed), checkpoint.pt (atomic, every ``checkpoint_every`` steps and at the end; the one before it
+    is kept as checkpoint.prev.pt), loss.png and summary.json. ``model_fn(config, vocab_size)`` replaces
+    the model registry (tests); ``on_step(step, model, loss)`` is called after every optimiser step. A
+    non-finite step raises NonFiniteError (or ends the run with status "diverged" when
+    ``stop_on_nonfinite`` is False); SIGINT/SIGTERM save a checkpoint and raise ``rundir.Interrupted``.
     """
+    config.validate()
+    _warn_schedule(config)
     r = _Run(config, model_fn)
+    try:
+        return _train(r, on_step)
+    finally:
+        r.close()
+
+
+def _warn_schedule(config: TrainConfig) -> None:
+    if config.warmup > config.steps:
+        warnings.warn(f"--warmup {config.warmup} is longer than --steps {config.steps}: the learning rate "
+                      f"only reaches {config.steps / config.warmup:.2g} of its peak", stacklevel=3)
+
+
+def _train(r: _Run, on_step: StepHook | None) -> dict[str, Any]:
     cfg = r.config
     main = r.dist.is_main  # only rank 0 writes files and shows progress; every rank computes
-    log = (MetricsLog(r.out / "metrics.jsonl", keep_until_step=r.step if r.state else None) if main
+    resumed = r.state is not None
+    log = (MetricsLog(r.out / "metrics.jsonl", keep_until_step=r.step if resumed else None,
+                      tensorboard_dir=r.out / "tensorboard" if cfg.tensorboard else None) if main
            else _NullLog())
     tokens = cfg.batch_size * cfg.seq_len
     status, error, loss_v, valid_bpc, tps = "finished", None, math.nan, math.nan, math.nan
     desc = f"{cfg.model}/{cfg.scaling}/{cfg.precision}"
+    signals = rundir.StopSignals()
     try:
-        if r.state is None:
+        if not resumed:
             valid_bpc = r.evaluate(r.valid)
             log.write({"event": "eval", "step": 0, "valid_bpc": valid_bpc})
             if main:
                 with open(r.out / "config.json", "w") as f:
                     json.dump(asdict(cfg), f, indent=1)
-        with TrainProgress(cfg.steps, desc, enabled=main and not cfg.quiet, start=r.step) as bar:
+        with signals, TrainProgress(cfg.steps, desc, enabled=main and not cfg.quiet, start=r.step) as bar:
             monitor = ScaleMonitor(r.module, cfg.monitor_every if main else 0, cfg.monitor_patience, log=log,
                                    bar=bar)
             while r.step < cfg.steps:
@@ -417,13 +514,22 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None, on_step: Step
                 bar.update(r.step, tokens_per_s=tps, loss=loss_v)
                 if on_step is not None:
                     on_step(r.step, r.model, loss_v)
-                if cfg.stop_at is not None and r.step >= cfg.stop_at and r.step < cfg.steps:
+                # Every rank learns of a signal any rank received, so all stop after the same step.
+                signalled = not distributed.all_true(signals.signum is None, r.dist)
+                stop_here = cfg.stop_at is not None and r.step >= cfg.stop_at
+                if (signalled or stop_here) and r.step < cfg.steps:
                     if r.ckpt_step != r.step:
                         r.save()
-                    status = "stopped"
+                    status = "interrupted" if signalled else "stopped"
                     break
     finally:
         log.close()
+    return _finish(r, status, error, loss_v, valid_bpc, tps, desc, signals)
+
+
+def _finish(r: _Run, status: str, error: str | None, loss_v: float, valid_bpc: float, tps: float, desc: str,
+            signals: rundir.StopSignals) -> dict[str, Any]:
+    cfg, main = r.config, r.dist.is_main
     finished = status == "finished"
     if finished and math.isnan(valid_bpc):  # a resume of a run that had already finished
         valid_bpc = r.evaluate(r.valid)
@@ -436,21 +542,39 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None, on_step: Step
         "test_bpc": test_bpc,
         "lr": r.lr, "tokens_per_s": tps, "wall_s": r.wall,
         "params": sum(p.numel() for p in r.params), "vocab_size": len(r.corpus.vocab),
-        "data": r.corpus.describe(), "device": str(r.device), "recipe": r.recipe.describe(),
+        "data": r.corpus.describe(), "data_fingerprint": r.data, "device": str(r.device),
+        "recipe": r.recipe.describe(), "backends": backends_run(r.module, r.recipe),
         "error": error, "config": asdict(cfg),
     }
     summary["parallel"] = {"mode": r.dist.parallel, "world_size": r.dist.world_size}
-    if not main:
-        return summary
-    with open(r.out / "summary.json", "w") as f:
-        json.dump({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                   for k, v in summary.items()}, f, indent=1)
-    plot_curves([(desc, read_jsonl(r.out / "metrics.jsonl"))], r.out / "loss.png", title=desc)
-    if not cfg.quiet:
-        print_summary(summary, r.out)
-    if error is not None and cfg.stop_on_nonfinite:
+    if main:
+        with open(r.out / "summary.json", "w") as f:
+            json.dump({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in summary.items()}, f, indent=1)
+        plot_curves([(desc, read_jsonl(r.out / "metrics.jsonl"))], r.out / "loss.png", title=desc)
+    if status == "interrupted":
+        raise rundir.Interrupted(f"stopped by {signals.name} after step {r.step}; checkpoint saved to "
+                                 f"{r.ckpt_path}; continue with --resume", signals.signum or 2)
+    if main and error is not None and cfg.stop_on_nonfinite:
         raise NonFiniteError(error)
     return summary
+
+
+def backends_run(model: nn.Module, recipe: Any) -> dict[str, dict[str, int]]:
+    """How many matmul-running modules of each kind run on each backend, read from the backend objects
+    ``precision.apply`` installed (so a fp8 request that fell back to simulation says "simulate")."""
+    from unitscale.precision import plan
+
+    modules = dict(model.named_modules())
+    counts: dict[str, dict[str, int]] = {}
+    for row in plan(model, recipe):
+        if row.kind == "unreachable":
+            name = "none"
+        else:
+            name = getattr(getattr(modules[row.path], "precision", None), "name", "exact")
+        kind = counts.setdefault(row.kind, {})
+        kind[name] = kind.get(name, 0) + 1
+    return counts
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -465,6 +589,9 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     for key in ("status", "step", "final_loss", "valid_bpc", "test_bpc", "lr", "tokens_per_s", "wall_s",
                 "params", "recipe", "data"):
         t.add_row(key, fmt(summary.get(key)))
+    backends = summary.get("backends") or {}
+    t.add_row("ran on", "; ".join(f"{kind}: " + ", ".join(f"{b} ×{n}" for b, n in sorted(c.items()))
+                                  for kind, c in sorted(backends.items())))
     if summary.get("error"):
         t.add_row("error", summary["error"])
     t.add_row("files", f"{out}/metrics.jsonl, checkpoint.pt, loss.png, summary.json")
