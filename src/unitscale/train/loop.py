@@ -120,10 +120,7 @@ class TrainConfig:
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ValueError(f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay!r}, "
                              f"{self.momentum!r}")
-        for key, owner in RESERVED_MODEL_OPTIONS.items():
-            if key in self.model_overrides:
-                raise ValueError(f"--set {key}={self.model_overrides[key]!r}: {key} is set by {owner}, not "
-                                 "--set; accepted: any other model option")
+        check_model_options(self.model_overrides, RESERVED_MODEL_OPTIONS)
 
 
 class NonFiniteError(RuntimeError):
@@ -167,15 +164,19 @@ def build_model(config: TrainConfig, vocab_size: int) -> nn.Module:
     """The registry model ``config.model`` with the run's scaling, sequence length and overrides."""
     from unitscale.models import build
 
-    check_model_options(config.model_overrides)
     overrides = {"seq_len": config.seq_len, **config.model_overrides}
     return build(config.model, vocab_size, scaling=config.scaling, **overrides)
 
 
-def check_model_options(options: dict[str, Any]) -> None:
-    """Each --set value has its option's type (int, float, bool or str): a one-line error otherwise."""
+def check_model_options(options: dict[str, Any], reserved: dict[str, str]) -> None:
+    """--set options: none of the ``reserved`` ones (key -> the option that sets it), and each value of its
+    option's type (int, float, bool or str); a one-line error naming the value otherwise."""
     from unitscale.models import CharLMConfig
 
+    for key, owner in reserved.items():
+        if key in options:
+            raise ValueError(f"--set {key}={options[key]!r}: {key} is set by {owner}, not --set; accepted: "
+                             "any other model option")
     defaults = CharLMConfig()
     for key, value in options.items():
         if not hasattr(defaults, key):
@@ -424,7 +425,11 @@ def _check_resumable(config: TrainConfig, saved: dict[str, Any]) -> None:
 
 def config_from_checkpoint(out_dir: str | Path) -> TrainConfig:
     """The TrainConfig saved in ``out_dir``'s newest readable checkpoint (to resume with nothing else)."""
-    saved = checkpoint.load_latest(Path(out_dir) / checkpoint.CHECKPOINT_NAME)[0]["config"]
+    return config_from_dict(checkpoint.load_latest(Path(out_dir) / checkpoint.CHECKPOINT_NAME)[0]["config"])
+
+
+def config_from_dict(saved: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from its saved dict (fields that this version does not know are dropped)."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in saved.items() if k in known})
 
