@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from unitscale.train import rundir
-from unitscale.train.loop import RUN_FILES, TrainConfig, train
+from unitscale.train.loop import RUN_MARKERS, TrainConfig, train
 from unitscale.train.metrics import plot_curves, read_jsonl
 
 DEMO_MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 2}
@@ -58,7 +58,7 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 150, data: str = "wi
     runs = [DemoRun("standard", "fp8"), DemoRun("unit", "fp8")]
     if reference:
         runs += [DemoRun("standard", "fp32"), DemoRun("unit", "fp32")]
-    if not overwrite and any(rundir.existing(out / r.name, RUN_FILES) for r in runs):
+    if not overwrite and any(rundir.existing(out / r.name, RUN_MARKERS) for r in runs):
         raise rundir.RunDirError(f"{out} already holds a demo; pass --overwrite to replace it, or choose "
                                  "another --out")
     base = demo_config(out, steps=steps, data=data, seed=seed)

@@ -471,8 +471,12 @@ def run(
     run_dir = Path(out) / config.run_name
     with rundir.RunLock(run_dir), rundir.StopSignals() as stop:
         rundir.claim(run_dir, resume=resume, overwrite=overwrite, markers=RUN_FILES)
+        resume_at: dict[int, int] = {}  # seed -> checkpointed step, read (safely) before any data loads
         for seed in seeds:
-            checkpoint.clean_temporaries(finetune_state.checkpoint_path(run_dir, seed))
+            ckpt = finetune_state.checkpoint_path(run_dir, seed)
+            checkpoint.clean_temporaries(ckpt)
+            if resume and any(p.is_file() for p in (ckpt, checkpoint.previous_path(ckpt))):
+                resume_at[seed] = int(checkpoint.load_latest(ckpt)[0]["step"])
         data = load_data(config)
         results = []
         columns = (
@@ -489,10 +493,7 @@ def run(
                 if done is not None and finetune_state.model_path(run_dir, seed).is_file():
                     results.append({k: v for k, v in done.items() if k != "event"})
                     continue
-                ckpt = finetune_state.checkpoint_path(run_dir, seed)
-                at = None
-                if resume and any(p.is_file() for p in (ckpt, checkpoint.previous_path(ckpt))):
-                    at = int(checkpoint.load_latest(ckpt)[0]["step"])
+                at = resume_at.get(seed)
                 task = bar.add_task(f"{config.run_name} seed {seed}", total=None, loss=float("nan"))
                 log = MetricsLog(metrics, keep_until_step=at)
 

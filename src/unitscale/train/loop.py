@@ -48,9 +48,11 @@ RESUME_FREE: frozenset[str] = frozenset({
 RESERVED_MODEL_OPTIONS: dict[str, str] = {
     "scaling": "--scaling", "vocab_size": "the data's vocabulary", "seq_len": "--seq-len",
 }
-# Files that mark a directory as holding a run (``rundir.claim``), removed by --overwrite.
-RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "checkpoint.prev.pt", "checkpoint.pt.corrupt", "metrics.jsonl",
-                              "summary.json", "config.json", "loss.png", "tensorboard")
+# Files that mark a directory as holding a run worth keeping (``rundir.claim``): a run killed before its
+# first checkpoint has nothing to resume and may be started afresh. --overwrite removes all RUN_FILES.
+RUN_MARKERS: tuple[str, ...] = ("checkpoint.pt", "checkpoint.prev.pt", "checkpoint.pt.corrupt",
+                                "summary.json")
+RUN_FILES: tuple[str, ...] = (*RUN_MARKERS, "metrics.jsonl", "config.json", "loss.png", "tensorboard")
 
 ModelFn = Callable[["TrainConfig", int], nn.Module]
 StepHook = Callable[[int, nn.Module, float], None]
@@ -291,7 +293,8 @@ class _Run:
 
     def _setup(self, config: TrainConfig, model_fn: ModelFn | None, apply: Callable) -> None:
         if self.dist.is_main:
-            rundir.claim(self.out, resume=config.resume, overwrite=config.overwrite, markers=RUN_FILES)
+            rundir.claim(self.out, resume=config.resume, overwrite=config.overwrite, markers=RUN_MARKERS,
+                         files=RUN_FILES)
             checkpoint.clean_temporaries(self.ckpt_path)
         self.state = self._load_state() if config.resume else None
         self.data = fingerprint(config.data)

@@ -94,9 +94,10 @@ def existing(directory: Path, markers: Iterable[str]) -> list[Path]:
     return sorted({p for m in markers for p in directory.glob(m)}) if directory.is_dir() else []
 
 
-def claim(directory: str | Path, *, resume: bool, overwrite: bool, markers: Iterable[str]) -> None:
+def claim(directory: str | Path, *, resume: bool, overwrite: bool, markers: Iterable[str],
+          files: Iterable[str] | None = None) -> None:
     """Refuse a fresh run in a directory that holds one (files matching ``markers``) unless ``overwrite``,
-    which deletes those files; ``resume`` continues the run that is there."""
+    which deletes the run's ``files`` (default: the markers); ``resume`` continues the run that is there."""
     directory = Path(directory)
     if resume and overwrite:
         raise RunDirError("--resume continues the run in --out and --overwrite replaces it: give one of them")
@@ -107,7 +108,7 @@ def claim(directory: str | Path, *, resume: bool, overwrite: bool, markers: Iter
         names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
         raise RunDirError(f"{directory} already holds a run ({names}); pass --resume to continue it or "
                           "--overwrite to replace it, or choose another --out")
-    for p in found:
+    for p in existing(directory, markers if files is None else files):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
