@@ -16,8 +16,18 @@ from cli_helpers import TINY, cli, corpus, start
 from unitscale.train.metrics import read_jsonl
 
 STEPS = 300
-RUN = [*TINY, "--steps", str(STEPS), "--checkpoint-every", "25", "--eval-every", "100", "--log-every", "1",
-       "--quiet"]
+RUN = [
+    *TINY,
+    "--steps",
+    str(STEPS),
+    "--checkpoint-every",
+    "25",
+    "--eval-every",
+    "100",
+    "--log-every",
+    "1",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +92,9 @@ def test_kill_int_term_then_resume_reach_the_uninterrupted_run_bit_for_bit(tmp_p
         assert got[key] == want[key], key
     assert all(torch.equal(got_w[k], want_w[k]) for k in want_w)
     # the resumed metrics log is the uninterrupted one, apart from wall-clock fields
-    strip = [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")}
-             for r in read_jsonl(metrics)]
-    assert strip == [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")}
-                     for r in read_jsonl(ref_out / "metrics.jsonl")]
+    strip = [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")} for r in read_jsonl(metrics)]
+    assert strip == [
+        {k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")}
+        for r in read_jsonl(ref_out / "metrics.jsonl")
+    ]
     assert not list(out.glob(".*.tmp"))
