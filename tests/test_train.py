@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -393,3 +394,64 @@ def test_set_options_owned_by_other_flags_or_of_the_wrong_type_are_refused(tmp_p
                              ({"tau_mlp": "half"}, "expected float")):
         with pytest.raises(ValueError, match=match):
             train(cfg(tmp_path, text_file, "s", model="gpt", model_overrides=overrides))
+
+
+# loss.png, progress ----------------------------------------------------------------------------------------
+
+def test_smoothing_is_by_steps_and_adds_no_lag():
+    from unitscale.train.metrics import smooth_by_steps
+
+    steps = list(range(10, 1001, 10))  # every 10th step logged, as at the defaults
+    line = [5.0 - 0.003 * s for s in steps]  # a falling loss: a trailing average would lag above it
+    assert smooth_by_steps(steps, line) == pytest.approx(line, rel=1e-12, abs=1e-12)
+    # the window is in steps: logging every step or every 10th gives the same curve at shared steps
+    fine = list(range(1, 1001))
+    curve = [math.exp(-s / 150) for s in fine]
+    smooth_fine = dict(zip(fine, smooth_by_steps(fine, curve, window=60)))
+    coarse = smooth_by_steps(steps, [curve[s - 1] for s in steps], window=60)
+    inner = [(s, c) for s, c in zip(steps, coarse) if 40 <= s <= 960]  # away from the (different) ends
+    # equal up to the curvature term f''·(var of 7 samples − var of 61)/2 ≈ 1.5e-3
+    assert max(abs(c - smooth_fine[s]) for s, c in inner) < 3e-3
+    wide = smooth_by_steps(steps, [curve[s - 1] for s in steps], window=600)  # 61 points, not 61 steps
+    assert max(abs(w - smooth_fine[s]) for s, w in zip(steps, wide) if 40 <= s <= 960) > 0.05
+    # (the old rule, a mean over the last 20 logged points, lags by ~95 steps at log_every 10)
+    old = [sum(line[max(0, i - 19):i + 1]) / len(line[max(0, i - 19):i + 1]) for i in range(len(line))]
+    assert old[-1] - line[-1] == pytest.approx(0.003 * 95, rel=1e-9)
+    # reference: the mean over |step - s| <= h with h = min(30, s - first, last - s), written out here
+    for s in (1, 5, 200, 999, 1000):
+        h = min(30, s - 1, 1000 - s)
+        window = [v for t, v in zip(fine, curve) if abs(t - s) <= h]
+        assert smooth_fine[s] == pytest.approx(sum(window) / len(window), rel=1e-12)
+
+
+def test_loss_plot_draws_logged_points_faintly_under_the_smoothed_line():
+    from unitscale.train.metrics import curves_figure
+
+    records = [{"event": "train", "step": s, "loss": 2.0 + (s % 7) / 10} for s in range(1, 201)]
+    records += [{"event": "eval", "step": s, "valid_bpc": 3.0} for s in (0, 100, 200)]
+    ax = curves_figure([("run", records)]).axes[0]
+    raw, smooth, valid = ax.lines
+    assert list(raw.get_xdata()) == list(range(1, 201)) and raw.get_alpha() <= 0.3
+    assert smooth.get_alpha() > 0.5 and smooth.get_label() == "run (train)"
+    assert max(smooth.get_ydata()) - min(smooth.get_ydata()) < max(raw.get_ydata()) - min(raw.get_ydata())
+    assert list(valid.get_xdata()) == [0, 100, 200]
+
+
+def test_progress_keeps_counter_bar_and_eta_at_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from unitscale.train.metrics import TrainProgress
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=80, force_terminal=True, color_system=None)
+    bar = TrainProgress(3000, "gpt-post/standard/fp8-critical-bf16", console=console, start=1200)
+    bar.update(1200, tokens_per_s=12345.6, loss=3.21454, valid_bpc=2.98767,
+               scales="blocks.2.body:matmul1.a (activation, fp8_e4b) RMS 2^-4.80 below the comfortable band")
+    console.print(bar._progress.get_renderable())
+    lines = buf.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert "1200/3000" in lines[0] and "━" in lines[0] and re.search(r"-:--:--|\d:\d\d:\d\d", lines[0])
+    assert lines[1].strip() == "loss 3.2145 · valid BPC 2.9877 · 12,346 tok/s"
+    assert lines[2].startswith("  scales: blocks.2.body:matmul1.a") and lines[2].endswith("…")
