@@ -4,15 +4,19 @@ followed by `--resume`, end bit for bit where the uninterrupted run ends."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
+import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from cli_helpers import TINY, cli, corpus, start
+from cli_helpers import TINY, cli, corpus, env, start
 from unitscale.train.metrics import read_jsonl
 
 STEPS = 300
@@ -98,3 +102,96 @@ def test_kill_int_term_then_resume_reach_the_uninterrupted_run_bit_for_bit(tmp_p
         for r in read_jsonl(ref_out / "metrics.jsonl")
     ]
     assert not list(out.glob(".*.tmp"))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(agent: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker process of ``rank`` (a child of the agent with RANK=rank)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent.pid and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker of rank {rank} under pid {agent.pid}")
+
+
+@pytest.mark.slow  # three torchrun processes and two single runs: ~30 s on 2 idle cores
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker through /proc")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_sigterm_to_one_rank_checkpoints_every_rank_together_and_resumes(tmp_path) -> None:
+    """SIGTERM reaches rank 1 only: the stop is agreed by all-reduce, both ranks stop after the same step,
+    the FSDP state is gathered collectively and saved, and the run resumes to the uninterrupted result."""
+    steps = 40
+    text = corpus(tmp_path / "corpus.txt")
+    common = [
+        "--data",
+        text,
+        "--steps",
+        steps,
+        "--batch-size",
+        4,
+        "--seq-len",
+        16,
+        "--warmup",
+        2,
+        "--eval-every",
+        100,
+        "--eval-windows",
+        4,
+        "--checkpoint-every",
+        100,
+        "--log-every",
+        1,
+        "--seed",
+        0,
+        "--set",
+        "d_model=32",
+        "--set",
+        "n_layers=2",
+        "--set",
+        "n_heads=2",
+        "--quiet",
+    ]
+    proc = cli("train", "--model", "gpt", *common, "--out", tmp_path / "ref")
+    assert proc.returncode == 0, proc.stderr
+    reference = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    out = tmp_path / "run"
+    args = ["train", "--model", "gpt", *common, "--out", out, "--parallel", "fsdp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_port()),
+        "-m",
+        "unitscale.cli",
+        *map(str, args),
+    ]
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    deadline = time.monotonic() + 300
+    while not [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "train" and r["step"] >= 5]:
+        assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()
+        time.sleep(0.05)
+    os.kill(_worker(agent, 1), signal.SIGTERM)
+    _, err = agent.communicate(timeout=300)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 5 <= saved < steps  # no periodic checkpoint before step 100: this one is the signal's
+    assert f"stopped by SIGTERM after step {saved}" in err  # rank 1
+    assert f"stopped by a signal to another rank after step {saved}" in err  # rank 0, the same step
+    proc = cli("train", "--model", "gpt", *common, "--out", out, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["status"] == "finished" and resumed["step"] == steps
+    assert resumed["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-5)

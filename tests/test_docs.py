@@ -21,7 +21,7 @@ def _read(name: str) -> str:
 
 def _block_after(text: str, marker: str) -> str:
     """The body of the first fenced block after ``marker``."""
-    rest = text[text.index(marker):]
+    rest = text[text.index(marker) :]
     match = re.search(r"```[a-z]*\n(.*?)```", rest, re.S)
     assert match, marker
     return match.group(1)
@@ -31,7 +31,7 @@ def test_readme_recipe_list_is_the_code_s():
     from unitscale.precision import RECIPE_NAMES
 
     text = _read("README.md")
-    block = text[text.index("<!-- recipes"):text.index("<!-- /recipes -->")].split("-->", 1)[1]
+    block = text[text.index("<!-- recipes") : text.index("<!-- /recipes -->")].split("-->", 1)[1]
     expected = "Recipes: " + ", ".join(f"`{name}`" for name in RECIPE_NAMES) + "."
     assert " ".join(block.split()) == expected, f"README recipe list is stale; it should read:\n{expected}"
 
@@ -57,8 +57,11 @@ def test_production_describe_output_is_the_real_output(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     text = _read("docs/production.md")
-    code = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "describe(model, recipe)" in b
-                and "with_overrides" in b)
+    code = next(
+        b
+        for b in re.findall(r"```python\n(.*?)```", text, re.S)
+        if "describe(model, recipe)" in b and "with_overrides" in b
+    )
     printed, _ = _run("import unitscale as us\n" + code)
     assert printed == _block_after(text, "<!-- describe-output")
 
@@ -78,8 +81,9 @@ def test_production_monitor_example_shows_what_the_monitor_reports(monkeypatch):
             records.append(record)
 
     real_init = ScaleMonitor.__init__
-    monkeypatch.setattr(ScaleMonitor, "__init__",
-                        lambda self, *a, **kw: real_init(self, *a, **{**kw, "log": Log()}))
+    monkeypatch.setattr(
+        ScaleMonitor, "__init__", lambda self, *a, **kw: real_init(self, *a, **{**kw, "log": Log()})
+    )
     printed, warned = _run(code)
     assert printed == _block_after(text, "<!-- monitor-example-output")
     assert f"after {len(warned)} ScaleWarnings at step 20" in text
@@ -92,8 +96,11 @@ def test_production_monitor_example_shows_what_the_monitor_reports(monkeypatch):
     first, real_first = record["tensors"][0], real["tensors"][0]
     assert first.keys() == real_first.keys()
     for key, value in first.items():
-        assert value == (pytest.approx(real_first[key], rel=2e-2, abs=1e-4) if isinstance(value, float)
-                         else real_first[key]), key
+        assert value == (
+            pytest.approx(real_first[key], rel=2e-2, abs=1e-4)
+            if isinstance(value, float)
+            else real_first[key]
+        ), key
     assert record["worst"]["name"] == real["worst"]["name"]
     assert record["worst"]["reason"] == real["worst"]["reason"]
 

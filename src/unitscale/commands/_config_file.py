@@ -56,7 +56,7 @@ def _value(key: str, value: Any, action: argparse.Action) -> Any:
         if isinstance(value, dict):
             value = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in value.items()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"{where}: expected a table or a list of \"KEY=VALUE\" strings, got {value!r}")
+            raise ValueError(f'{where}: expected a table or a list of "KEY=VALUE" strings, got {value!r}')
         return value
     kind = action.type
     if kind is not None and not isinstance(value, str):
@@ -76,8 +76,9 @@ def _value(key: str, value: Any, action: argparse.Action) -> Any:
     return value
 
 
-def merge_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace, path: Path,
-                      *, exclude: set[str] = frozenset()) -> None:
+def merge_config_file(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, path: Path, *, exclude: set[str] = frozenset()
+) -> None:
     """Fill the options of ``args`` that the command line left unset (None) from the TOML file; a
     repeatable option gets the file's items first, then the command line's."""
     data = _read_toml(Path(path))
@@ -85,8 +86,9 @@ def merge_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace,
     unknown = sorted(k for k in data if k not in actions)
     if unknown:
         accepted = sorted({a.option_strings[-1].lstrip("-") for a in actions.values()})
-        raise ValueError(f"--config {str(path)!r}: unknown key(s) {', '.join(unknown)}; accepted: "
-                         f"{', '.join(accepted)}")
+        raise ValueError(
+            f"--config {str(path)!r}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
+        )
     for key, raw in data.items():
         action = actions[key]
         value = _value(key, raw, action)

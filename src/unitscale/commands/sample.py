@@ -11,13 +11,22 @@ HELP = "continue a prompt with a trained char-LM (greedy or with a temperature, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", type=Path, required=True, metavar="DIR",
-                        help="run directory of unitscale train (its newest checkpoint), or a checkpoint file "
-                             "(required, no default)")
+    parser.add_argument(
+        "--run",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="run directory of unitscale train (its newest checkpoint), or a checkpoint file "
+        "(required, no default)",
+    )
     parser.add_argument("--prompt", required=True, help="text to continue (required, no default)")
     parser.add_argument("--length", type=int, default=200, help="characters to generate")
-    parser.add_argument("--temperature", type=float, default=0.8,
-                        help="softmax temperature; 0 = greedy (always the most likely character)")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="softmax temperature; 0 = greedy (always the most likely character)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
 
 
@@ -28,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     trained = load_trained(args.run)
     unknown = sum(1 for c in args.prompt if c not in trained.vocab.chars)
     if unknown:
-        print(f"note: {unknown} prompt character(s) are not in the run's vocabulary (read as unknown)",
-              file=sys.stderr)
+        print(
+            f"note: {unknown} prompt character(s) are not in the run's vocabulary (read as unknown)",
+            file=sys.stderr,
+        )
     print(generate(trained, args.prompt, args.length, temperature=args.temperature, seed=args.seed))
     return 0

@@ -74,8 +74,10 @@ def load_file(path: str | Path, what: str = "checkpoint") -> Any:
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
         reason, unsafe = _reason(err)
         if unsafe:
-            raise CheckpointError(f"{what} {str(path)!r} was refused: {reason}; unitscale loads only tensors "
-                                  "and plain data (torch.load weights_only=True)") from None
+            raise CheckpointError(
+                f"{what} {str(path)!r} was refused: {reason}; unitscale loads only tensors "
+                "and plain data (torch.load weights_only=True)"
+            ) from None
         raise CheckpointError(f"{what} {str(path)!r} is truncated or corrupt ({reason})") from None
 
 

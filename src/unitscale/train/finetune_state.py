@@ -42,20 +42,49 @@ class Position:
     losses: list[float] = dataclasses.field(default_factory=list)
 
 
-def save(path: Path, config: Any, seed: int, max_steps: int | None, pos: Position, model: nn.Module,
-         opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator) -> None:
+def save(
+    path: Path,
+    config: Any,
+    seed: int,
+    max_steps: int | None,
+    pos: Position,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    gen: torch.Generator,
+) -> None:
     """Atomically write everything ``restore`` needs to continue this seed bit for bit."""
-    checkpoint.save_atomic({
-        "kind": "finetune", "config": dataclasses.asdict(config), "seed": seed, "max_steps": max_steps,
-        "step": pos.step, "order": pos.order, "batch": pos.batch, "losses": list(pos.losses),
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "generator": gen.get_state(), "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-    }, path)
+    checkpoint.save_atomic(
+        {
+            "kind": "finetune",
+            "config": dataclasses.asdict(config),
+            "seed": seed,
+            "max_steps": max_steps,
+            "step": pos.step,
+            "order": pos.order,
+            "batch": pos.batch,
+            "losses": list(pos.losses),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "generator": gen.get_state(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        },
+        path,
+    )
 
 
-def restore(path: Path, config: Any, seed: int, max_steps: int | None, model: nn.Module,
-            opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator) -> Position:
+def restore(
+    path: Path,
+    config: Any,
+    seed: int,
+    max_steps: int | None,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    gen: torch.Generator,
+) -> Position:
     """Load a seed's checkpoint into the freshly built objects; ValueError if it belongs to another run."""
     state, _, _ = checkpoint.load_latest(path)
     saved = state.get("config", {})
@@ -65,8 +94,9 @@ def restore(path: Path, config: Any, seed: int, max_steps: int | None, model: nn
         changed.append("max_steps")
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k, state.get(k))!r} -> {now.get(k, max_steps)!r}" for k in changed)
-        raise ValueError(f"--resume with different options ({diff}); give the options of the run in "
-                         f"{path.parent}")
+        raise ValueError(
+            f"--resume with different options ({diff}); give the options of the run in {path.parent}"
+        )
     if state.get("seed") != seed:
         raise ValueError(f"{path} belongs to seed {state.get('seed')}, not {seed}")
     model.load_state_dict(state["model"])
@@ -79,15 +109,28 @@ def restore(path: Path, config: Any, seed: int, max_steps: int | None, model: nn
     return Position(int(state["step"]), state["order"], int(state["batch"]), list(state["losses"]))
 
 
-def save_model(path: Path, model: nn.Module, config: Any, seed: int, labels: tuple[str, ...],
-               example: tuple[Tensor, Tensor] | None) -> None:
+def save_model(
+    path: Path,
+    model: nn.Module,
+    config: Any,
+    seed: int,
+    labels: tuple[str, ...],
+    example: tuple[Tensor, Tensor] | None,
+) -> None:
     """The fine-tuned classifier: weights, label names (logit i is ``labels[i]``), config and the batch
     its unit-scaled conversion was pinned with (so ``load_finetuned`` rebuilds the same model)."""
-    checkpoint.save_atomic({
-        "kind": "finetuned-classifier", "model": model.state_dict(), "labels": list(labels),
-        "config": dataclasses.asdict(config), "seed": seed,
-        "example": None if example is None else [t.cpu() for t in example],
-    }, path, keep_previous=False)
+    checkpoint.save_atomic(
+        {
+            "kind": "finetuned-classifier",
+            "model": model.state_dict(),
+            "labels": list(labels),
+            "config": dataclasses.asdict(config),
+            "seed": seed,
+            "example": None if example is None else [t.cpu() for t in example],
+        },
+        path,
+        keep_previous=False,
+    )
 
 
 def load_finetuned(path: str | Path) -> tuple[nn.Module, list[str]]:

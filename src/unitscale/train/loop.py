@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import math
+import signal
 import sys
 import time
 import warnings
@@ -561,8 +562,10 @@ def _finish(r: _Run, status: str, error: str | None, loss_v: float, valid_bpc: f
                        for k, v in summary.items()}, f, indent=1)
         plot_curves([(desc, read_jsonl(r.out / "metrics.jsonl"))], r.out / "loss.png", title=desc)
     if status == "interrupted":
-        raise rundir.Interrupted(f"stopped by {signals.name} after step {r.step}; checkpoint saved to "
-                                 f"{r.ckpt_path}; continue with --resume", signals.signum or 2)
+        # Under torchrun a rank may stop for a signal another rank received (the stop is collective).
+        by = signals.name or "a signal to another rank"
+        raise rundir.Interrupted(f"stopped by {by} after step {r.step}; checkpoint saved to {r.ckpt_path}; "
+                                 "continue with --resume", signals.signum or signal.SIGTERM)
     if main and error is not None and cfg.stop_on_nonfinite:
         raise NonFiniteError(error)
     return summary

@@ -54,10 +54,15 @@ def load_trained(path: str | Path) -> TrainedCharLM:
             print(f"warning: {problem}", file=sys.stderr)
     else:
         state, used = checkpoint.load(path), path
-    if not isinstance(state.get("config"), dict) or not isinstance(state.get("vocab"), dict) \
-            or "model" not in state:
-        raise checkpoint.CheckpointError(f"{used} is not a char-LM checkpoint of unitscale train or demo "
-                                         f"(needs 'config', 'vocab' and 'model'; has {sorted(state)})")
+    if (
+        not isinstance(state.get("config"), dict)
+        or not isinstance(state.get("vocab"), dict)
+        or "model" not in state
+    ):
+        raise checkpoint.CheckpointError(
+            f"{used} is not a char-LM checkpoint of unitscale train or demo "
+            f"(needs 'config', 'vocab' and 'model'; has {sorted(state)})"
+        )
     config = config_from_dict(state["config"])
     check_names(config)
     vocab = Vocab.from_dict(state["vocab"])
@@ -66,8 +71,10 @@ def load_trained(path: str | Path) -> TrainedCharLM:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         first = str(err).strip().splitlines()
-        raise checkpoint.CheckpointError(f"{used}: the weights do not fit the model its config describes "
-                                         f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+        raise checkpoint.CheckpointError(
+            f"{used}: the weights do not fit the model its config describes "
+            f"({first[1].strip() if len(first) > 1 else first[0]})"
+        ) from None
     return TrainedCharLM(model.eval(), vocab, config, int(state.get("step", 0)), used)
 
 
@@ -76,13 +83,13 @@ def check_sampling(prompt: str, length: int, temperature: float) -> None:
     if not prompt:
         raise ValueError("--prompt must not be empty: the model needs at least one character to continue")
     if length < 0 or not temperature >= 0:
-        raise ValueError(f"need --length >= 0 and --temperature >= 0 (0: greedy), got {length}, "
-                         f"{temperature}")
+        raise ValueError(
+            f"need --length >= 0 and --temperature >= 0 (0: greedy), got {length}, {temperature}"
+        )
 
 
 @torch.no_grad()
-def generate(run: TrainedCharLM, prompt: str, length: int, *, temperature: float = 1.0,
-             seed: int = 0) -> str:
+def generate(run: TrainedCharLM, prompt: str, length: int, *, temperature: float = 1.0, seed: int = 0) -> str:
     """``prompt`` followed by ``length`` generated characters.
 
     Each step feeds the last ``run.context`` ids and picks the next one from the last position's logits z:
@@ -95,7 +102,7 @@ def generate(run: TrainedCharLM, prompt: str, length: int, *, temperature: float
     out: list[int] = []
     for _ in range(length):
         with run.autocast():
-            logits, _ = run.model(ids[:, -run.context:])
+            logits, _ = run.model(ids[:, -run.context :])
         z = logits[0, -1].float()
         z[UNKNOWN_ID] = -torch.inf
         if temperature == 0:

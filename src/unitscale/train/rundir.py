@@ -53,8 +53,10 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunDirError(f"{self.directory} is in use by another run ({_holder(self.path)}); wait for "
-                              "it to finish, stop it, or choose another --out") from None
+            raise RunDirError(
+                f"{self.directory} is in use by another run ({_holder(self.path)}); wait for "
+                "it to finish, stop it, or choose another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self._fd = fd
@@ -84,8 +86,10 @@ def writable(directory: str | Path, flag: str = "--out") -> Path:
         probe.unlink()
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise RunDirError(f"{flag} {str(directory)!r} is not writable ({reason}); accepted: a directory "
-                          "this user can create files in") from None
+        raise RunDirError(
+            f"{flag} {str(directory)!r} is not writable ({reason}); accepted: a directory "
+            "this user can create files in"
+        ) from None
     return directory
 
 
@@ -94,8 +98,14 @@ def existing(directory: Path, markers: Iterable[str]) -> list[Path]:
     return sorted({p for m in markers for p in directory.glob(m)}) if directory.is_dir() else []
 
 
-def claim(directory: str | Path, *, resume: bool, overwrite: bool, markers: Iterable[str],
-          files: Iterable[str] | None = None) -> None:
+def claim(
+    directory: str | Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    markers: Iterable[str],
+    files: Iterable[str] | None = None,
+) -> None:
     """Refuse a fresh run in a directory that holds one (files matching ``markers``) unless ``overwrite``,
     which deletes the run's ``files`` (default: the markers); ``resume`` continues the run that is there."""
     directory = Path(directory)
@@ -106,8 +116,10 @@ def claim(directory: str | Path, *, resume: bool, overwrite: bool, markers: Iter
         return
     if not overwrite:
         names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
-        raise RunDirError(f"{directory} already holds a run ({names}); pass --resume to continue it or "
-                          "--overwrite to replace it, or choose another --out")
+        raise RunDirError(
+            f"{directory} already holds a run ({names}); pass --resume to continue it or "
+            "--overwrite to replace it, or choose another --out"
+        )
     for p in existing(directory, markers if files is None else files):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
