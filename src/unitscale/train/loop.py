@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,98 +32,36 @@ from torch import Tensor, nn
 from unitscale.monitor import ScaleMonitor
 from unitscale.scale import scaled
 from unitscale.train import checkpoint, distributed, rundir
+from unitscale.train.config import (
+    OPTIMIZERS,
+    RESERVED_MODEL_OPTIONS,
+    RESUME_FREE,
+    RUN_FILES,
+    RUN_MARKERS,
+    SCALINGS,
+    TrainConfig,
+    check_model_options,
+    check_names,
+    config_from_dict,
+    resolve_device,
+)
 from unitscale.train.data import BatchSampler, Vocab, eval_windows, fingerprint, load_corpus, resolve_source
+from unitscale.train.diagnose import _finite, first_nonfinite
 from unitscale.train.metrics import MetricsLog, TrainProgress, bpc, evaluate_bpc, plot_curves, read_jsonl
+from unitscale.train.summary import backends_run, print_summary
 
-OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "sgd")
-SCALINGS: tuple[str, ...] = ("unit", "standard")
+# TrainConfig and its rules (train.config), the diagnosis (train.diagnose) and the report (train.summary)
+# live in their own modules; their names stay importable from here.
+__all__ = [
+    "OPTIMIZERS", "RESERVED_MODEL_OPTIONS", "RESUME_FREE", "RUN_FILES", "RUN_MARKERS", "SCALINGS",
+    "NonFiniteError", "TrainConfig", "backends_run", "build_model", "check_model_options", "check_names",
+    "config_from_checkpoint", "config_from_dict", "first_nonfinite", "lr_factor", "make_optimizer",
+    "print_summary", "resolve_device", "train",
+]
+
 FALLBACK_LR = 1e-3  # only for models without default_lr()
-# Fields a resumed run may change without leaving the original trajectory (steps extends the schedule).
-# ``data`` may name another path to the same content: the data's fingerprint is compared instead.
-RESUME_FREE: frozenset[str] = frozenset({
-    "steps", "out_dir", "resume", "quiet", "eval_every", "checkpoint_every", "log_every", "stop_on_nonfinite",
-    "parallel", "stop_at", "device", "monitor_every", "monitor_patience", "data", "allow_data_change",
-    "overwrite", "tensorboard",
-})
-# Model options that other settings own: --set cannot change them.
-RESERVED_MODEL_OPTIONS: dict[str, str] = {
-    "scaling": "--scaling", "vocab_size": "the data's vocabulary", "seq_len": "--seq-len",
-}
-# Files that mark a directory as holding a run worth keeping (``rundir.claim``): a run killed before its
-# first checkpoint has nothing to resume and may be started afresh. --overwrite removes all RUN_FILES.
-RUN_MARKERS: tuple[str, ...] = ("checkpoint.pt", "checkpoint.prev.pt", "checkpoint.pt.corrupt",
-                                "summary.json")
-RUN_FILES: tuple[str, ...] = (*RUN_MARKERS, "metrics.jsonl", "config.json", "loss.png", "tensorboard")
-
-ModelFn = Callable[["TrainConfig", int], nn.Module]
+ModelFn = Callable[[TrainConfig, int], nn.Module]
 StepHook = Callable[[int, nn.Module, float], None]
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run (saved in every checkpoint and in summary.json)."""
-
-    model: str = "gpt"
-    scaling: str = "unit"
-    precision: str = "fp32"
-    optimizer: str = "adamw"
-    lr: float | None = None  # None: model.default_lr(optimizer) (unit and standard models differ)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    warmup: int = 100
-    steps: int = 1000
-    batch_size: int = 16
-    seq_len: int = 128
-    eval_every: int = 250
-    eval_windows: int = 64
-    checkpoint_every: int = 500
-    log_every: int = 10
-    seed: int = 0
-    grad_clip: float | None = None
-    device: str = "cpu"
-    data: str = "wiki"
-    vocab_min_count: int = 1  # characters rarer than this in train map to the unknown id
-    out_dir: str = "runs/train"
-    resume: bool = False
-    overwrite: bool = False  # replace a run already in out_dir (without it, a fresh run there is refused)
-    allow_data_change: bool = False  # resume even though the data file's content changed
-    tensorboard: bool = True  # also log to out_dir/tensorboard when the tensorboard package is installed
-    quiet: bool = False  # no progress bar
-    stop_on_nonfinite: bool = True
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    parallel: str = "none"  # "ddp" | "fsdp" under torchrun (see train.distributed)
-    stop_at: int | None = None  # checkpoint and stop after this step; the schedule still spans ``steps``
-    monitor_every: int = 200  # scale-health check every N steps (unitscale.monitor); 0 = off
-    monitor_patience: int = 3  # warn after this many consecutive uncomfortable checks of one tensor
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field and what it accepts."""
-        if self.scaling not in SCALINGS:
-            raise ValueError(f"unknown scaling {self.scaling!r}; accepted: {', '.join(SCALINGS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every",
-                     "log_every", "vocab_min_count", "monitor_patience"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
-        if not isinstance(self.monitor_every, int) or self.monitor_every < 0:
-            raise ValueError(f"monitor_every must be an integer >= 0 (0: off), got {self.monitor_every!r}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number (None: the model's default), got {self.lr!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be positive or None (off), got {self.grad_clip!r}")
-        if self.stop_at is not None and (not isinstance(self.stop_at, int) or self.stop_at < 1):
-            raise ValueError(f"stop_at must be a positive integer or None, got {self.stop_at!r}")
-        if self.parallel not in distributed.PARALLEL:
-            accepted = ", ".join(distributed.PARALLEL)
-            raise ValueError(f"unknown parallel mode {self.parallel!r}; accepted: {accepted}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay!r}, "
-                             f"{self.momentum!r}")
-        check_model_options(self.model_overrides, RESERVED_MODEL_OPTIONS)
 
 
 class NonFiniteError(RuntimeError):
@@ -140,56 +78,12 @@ def lr_factor(step: int, warmup: int, steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" picks CUDA when present; otherwise the named torch device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; accepted: auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; accepted here: cpu, auto")
-    return device
-
-
-def check_names(config: TrainConfig) -> None:
-    """Model and recipe names, checked before any data is loaded (errors list the valid names)."""
-    from unitscale.models import MODEL_NAMES
-    from unitscale.precision import get_recipe
-
-    if config.model not in MODEL_NAMES:
-        raise ValueError(f"unknown model {config.model!r}; accepted: {', '.join(MODEL_NAMES)}")
-    get_recipe(config.precision)
-
-
 def build_model(config: TrainConfig, vocab_size: int) -> nn.Module:
     """The registry model ``config.model`` with the run's scaling, sequence length and overrides."""
     from unitscale.models import build
 
     overrides = {"seq_len": config.seq_len, **config.model_overrides}
     return build(config.model, vocab_size, scaling=config.scaling, **overrides)
-
-
-def check_model_options(options: dict[str, Any], reserved: dict[str, str]) -> None:
-    """--set options: none of the ``reserved`` ones (key -> the option that sets it), and each value of its
-    option's type (int, float, bool or str); a one-line error naming the value otherwise."""
-    from unitscale.models import CharLMConfig
-
-    for key, owner in reserved.items():
-        if key in options:
-            raise ValueError(f"--set {key}={options[key]!r}: {key} is set by {owner}, not --set; accepted: "
-                             "any other model option")
-    defaults = CharLMConfig()
-    for key, value in options.items():
-        if not hasattr(defaults, key):
-            continue  # unknown names: models.build lists the accepted ones
-        default = getattr(defaults, key)
-        kind = type(default)
-        ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or (
-            kind is float and isinstance(value, int) and not isinstance(value, bool)) or kind is dict
-        if not ok:
-            raise ValueError(f"--set {key}={value!r}: expected {kind.__name__} (e.g. {key}={default!r})")
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -208,62 +102,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.op
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     return opt
-
-
-def _tensors(obj: Any) -> list[Tensor]:
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for o in obj for t in _tensors(o)]
-    if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _tensors(o)]
-    return []
-
-
-def _finite(t: Tensor) -> bool:
-    return bool(torch.isfinite(t).all())
-
-
-def first_nonfinite(model: nn.Module, run: Callable[[], None]) -> str:
-    """Re-run ``run`` (a forward + backward of the failing step) with hooks and describe the first
-    non-finite tensor: a parameter, then a module output in forward order, then an output gradient in
-    backward order, then a parameter gradient."""
-    for name, p in model.named_parameters():
-        if not _finite(p):
-            return f"parameter {name!r} {tuple(p.shape)} (non-finite before the step)"
-    found: dict[str, str] = {}
-
-    def on_grad(g: Tensor, name: str) -> None:
-        if "backward" not in found and not _finite(g):
-            found["backward"] = f"gradient of the output of module {name} {tuple(g.shape)} (backward pass)"
-
-    def on_forward(module: nn.Module, _inp: Any, out: Any, name: str) -> None:
-        for t in _tensors(out):
-            if not t.is_floating_point():
-                continue
-            if "forward" not in found and not _finite(t):
-                found["forward"] = f"output of module {name} ({type(module).__name__}) {tuple(t.shape)}"
-            if t.requires_grad:
-                t.register_hook(functools.partial(on_grad, name=name))
-
-    hooks = [m.register_forward_hook(functools.partial(on_forward, name=repr(n) if n else "<model>"))
-             for n, m in model.named_modules()]
-    try:
-        model.zero_grad(set_to_none=True)
-        run()
-    except RuntimeError as err:  # e.g. a backend refusing non-finite input
-        found.setdefault("forward", f"(the re-run raised: {err})")
-    finally:
-        for h in hooks:
-            h.remove()
-    if "forward" in found:
-        return found["forward"]
-    if "backward" in found:
-        return found["backward"]
-    for name, p in model.named_parameters():
-        if p.grad is not None and not _finite(p.grad):
-            return f"gradient of parameter {name!r} {tuple(p.shape)}"
-    return "none found on re-run (the overflow did not reproduce)"
 
 
 class _Run:
@@ -432,12 +270,6 @@ def config_from_checkpoint(out_dir: str | Path) -> TrainConfig:
     return config_from_dict(checkpoint.load_latest(Path(out_dir) / checkpoint.CHECKPOINT_NAME)[0]["config"])
 
 
-def config_from_dict(saved: dict[str, Any]) -> TrainConfig:
-    """A TrainConfig from its saved dict (fields that this version does not know are dropped)."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
-
-
 def train(config: TrainConfig, *, model_fn: ModelFn | None = None, on_step: StepHook | None = None
           ) -> dict[str, Any]:
     """Train (or resume with ``config.resume``) and return the summary also written to summary.json.
@@ -570,40 +402,3 @@ def _finish(r: _Run, status: str, error: str | None, loss_v: float, valid_bpc: f
         raise NonFiniteError(error)
     return summary
 
-
-def backends_run(model: nn.Module, recipe: Any) -> dict[str, dict[str, int]]:
-    """How many matmul-running modules of each kind run on each backend, read from the backend objects
-    ``precision.apply`` installed (so a fp8 request that fell back to simulation says "simulate")."""
-    from unitscale.precision import plan
-
-    modules = dict(model.named_modules())
-    counts: dict[str, dict[str, int]] = {}
-    for row in plan(model, recipe):
-        if row.kind == "unreachable":
-            name = "none"
-        else:
-            name = getattr(getattr(modules[row.path], "precision", None), "name", "exact")
-        kind = counts.setdefault(row.kind, {})
-        kind[name] = kind.get(name, 0) + 1
-    return counts
-
-
-def print_summary(summary: dict[str, Any], out: Path) -> None:
-    """A short rich table of the run's outcome."""
-    from rich.console import Console
-    from rich.table import Table
-
-    def fmt(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
-
-    t = Table(title=f"run {out}", show_header=False)
-    for key in ("status", "step", "final_loss", "valid_bpc", "test_bpc", "lr", "tokens_per_s", "wall_s",
-                "params", "recipe", "data"):
-        t.add_row(key, fmt(summary.get(key)))
-    backends = summary.get("backends") or {}
-    t.add_row("ran on", "; ".join(f"{kind}: " + ", ".join(f"{b} ×{n}" for b, n in sorted(c.items()))
-                                  for kind, c in sorted(backends.items())))
-    if summary.get("error"):
-        t.add_row("error", summary["error"])
-    t.add_row("files", f"{out}/metrics.jsonl, checkpoint.pt, loss.png, summary.json")
-    Console().print(t)
