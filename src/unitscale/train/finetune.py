@@ -192,7 +192,7 @@ def train_seed(
     has caught a signal (then ``rundir.Interrupted`` is raised), continued from its checkpoint when
     ``resume``, and the fine-tuned model saved at the end (``finetune_state``).
     """
-    from unitscale.train.loop import resolve_device
+    from unitscale.train.config import resolve_device
 
     device = resolve_device(config.device)
     train = data["train"].subset(config.train_subset)
@@ -462,7 +462,7 @@ def run(
     """
     check_run_options(seeds, max_steps)
     from unitscale import precision
-    from unitscale.train.loop import resolve_device
+    from unitscale.train.config import resolve_device
 
     precision.get_recipe(config.precision)  # a bad name fails before data and weights load
     resolve_device(config.device)
