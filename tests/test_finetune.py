@@ -294,3 +294,16 @@ def _interrupt_and_resume(tmp_path):
 
 def checkpoint_step(path) -> int:
     return int(torch.load(path, weights_only=True)["step"])
+
+
+def test_cli_refuses_to_overwrite_a_run_and_names_resume_and_overwrite(tmp_path, capsys, monkeypatch):
+    import unitscale.train.finetune as ft
+
+    monkeypatch.setattr(ft, "load_data", lambda config: pytest.fail("data loaded before the check"))
+    run = tmp_path / "standard-fp32"
+    run.mkdir()
+    (run / "seed0.jsonl").write_text('{"seed": 0, "step": 10, "loss": 1.0}\n')
+    assert main(["finetune", "--out", str(tmp_path), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (seed0.jsonl)" in err and "--resume" in err and "--overwrite" in err
+    assert (run / "seed0.jsonl").read_text().startswith('{"seed": 0, "step": 10')
