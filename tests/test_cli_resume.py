@@ -123,12 +123,13 @@ def _worker(agent: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under pid {agent.pid}")
 
 
-@pytest.mark.slow  # three torchrun processes and two single runs: ~30 s on 2 idle cores
+@pytest.mark.slow  # torchrun with two workers: ~15 s on 2 idle cores
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker through /proc")
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-def test_sigterm_to_one_rank_checkpoints_every_rank_together_and_resumes(tmp_path) -> None:
-    """SIGTERM reaches rank 1 only: the stop is agreed by all-reduce, both ranks stop after the same step,
-    the FSDP state is gathered collectively and saved, and the run resumes to the uninterrupted result."""
+def test_sigterm_to_one_rank_checkpoints_every_rank_together(tmp_path) -> None:
+    """SIGTERM reaches rank 1 only: the stop is agreed by all-reduce, both ranks stop after the same step and
+    the FSDP state is gathered collectively and saved (that such a checkpoint resumes exactly on any world
+    size is tests/test_distributed.py::test_checkpoint_resumes_across_world_sizes)."""
     steps = 40
     text = corpus(tmp_path / "corpus.txt")
     common = [
@@ -160,9 +161,6 @@ def test_sigterm_to_one_rank_checkpoints_every_rank_together_and_resumes(tmp_pat
         "n_heads=2",
         "--quiet",
     ]
-    proc = cli("train", "--model", "gpt", *common, "--out", tmp_path / "ref")
-    assert proc.returncode == 0, proc.stderr
-    reference = json.loads((tmp_path / "ref" / "summary.json").read_text())
     out = tmp_path / "run"
     args = ["train", "--model", "gpt", *common, "--out", out, "--parallel", "fsdp"]
     cmd = [
@@ -190,8 +188,7 @@ def test_sigterm_to_one_rank_checkpoints_every_rank_together_and_resumes(tmp_pat
     assert 5 <= saved < steps  # no periodic checkpoint before step 100: this one is the signal's
     assert f"stopped by SIGTERM after step {saved}" in err  # rank 1
     assert f"stopped by a signal to another rank after step {saved}" in err  # rank 0, the same step
-    proc = cli("train", "--model", "gpt", *common, "--out", out, "--resume")
-    assert proc.returncode == 0, proc.stderr
-    resumed = json.loads((out / "summary.json").read_text())
-    assert resumed["status"] == "finished" and resumed["step"] == steps
-    assert resumed["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-5)
+    # the checkpoint holds the full (gathered) model and optimiser state, keyed by parameter name
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["model"]["tok.weight"].shape == (state["model"]["lm_head.weight"].shape[0], 32)
+    assert set(state["optimizer"]["state"]) == set(state["model"])  # every parameter's Adam moments
