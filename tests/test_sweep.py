@@ -129,3 +129,9 @@ def test_run_key_covers_data_content_not_its_path(tmp_path) -> None:
         assert sweep.run_key(TrainConfig(**{"data": "/x/a.txt", **change}), a) != key, change
     for free in ({"out_dir": "elsewhere"}, {"eval_every": 7}, {"quiet": True}, {"monitor_every": 0}):
         assert sweep.run_key(TrainConfig(**{"data": "/x/a.txt", **free}), a) == key, free
+
+
+def test_report_of_an_old_sweep_directory_is_a_clear_error(tmp_path) -> None:
+    (tmp_path / "sweep.json").write_text(json.dumps({"preset": {"name": "cpu"}, "seed": 0, "data": "wiki"}))
+    with pytest.raises(ValueError, match="older unitscale .*rerun the sweep"):
+        sweep.report(tmp_path)

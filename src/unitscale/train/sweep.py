@@ -263,7 +263,11 @@ def report(out: str | Path) -> Path:
     if not (out / "sweep.json").is_file():
         raise FileNotFoundError(f"{out / 'sweep.json'} does not exist: run the sweep first (without "
                                 "--report-only)")
-    settings = Settings.from_json((out / "sweep.json").read_text())
+    try:
+        settings = Settings.from_json((out / "sweep.json").read_text())
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{out / 'sweep.json'} was written by an older unitscale (no run keys: {err}); "
+                         "rerun the sweep to key its runs") from None
     rows = _load(out, settings)
     if not rows:
         raise ValueError(f"no finished runs under {out} for its last settings ({out / 'sweep.json'})")
