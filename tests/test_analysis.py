@@ -422,3 +422,36 @@ def test_cli_errors(argv, match, tmp_path):
     args = parser.parse_args(["--out", str(tmp_path / "x.png"), *argv])
     with pytest.raises((ValueError, FileNotFoundError), match=match):  # the CLI maps both to exit code 2
         analyse.run(args)
+
+
+@pytest.mark.parametrize("precision", ["int4"])  # INT4: the recipe owns state (LSQ step sizes) too
+def test_cli_analyse_reads_model_recipe_and_vocab_from_a_train_or_demo_checkpoint(tmp_path, precision):
+    """The demo's configuration (its own d_model, layers, seq_len, vocabulary of the data file), trained two
+    steps; analyse rebuilds that model (INT4: its step sizes exist before the weights load) and records the
+    trained weights, not a fresh initialisation."""
+    from dataclasses import replace
+
+    import torch
+
+    from unitscale.cli import main
+    from unitscale.train.demo import demo_config
+    from unitscale.train.loop import train
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 300)
+    run = tmp_path / "run"
+    model = {"d_model": 32, "n_layers": 1, "n_heads": 2}
+    cfg = replace(demo_config(run, steps=2, data=str(data)), precision=precision, eval_windows=2,
+                  batch_size=4, vocab_min_count=1, monitor_every=0, model_overrides=model)
+    train(cfg)
+    js = tmp_path / "scales.json"
+    rc = main(["analyse", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "s.png"),
+               "--json", str(js), "--batch-size", "2"])
+    assert rc == 0
+    records = {r["name"]: r for r in json.loads(js.read_text())["records"]}
+    weight = torch.load(run / "checkpoint.pt", weights_only=True)["model"]["tok.weight"]
+    rms = float(weight.double().pow(2).mean().sqrt())
+    got = records["tok / weight"]
+    assert got["numel"] == weight.numel() == 29 * 32  # 26 letters, space, full stop, unknown; d_model 32
+    assert 2 ** got["log2_rms"] == pytest.approx(rms, rel=1e-4)
+    assert main(["analyse", "--checkpoint", str(run), "--out", str(tmp_path / "d.png")]) == 0  # the run dir

@@ -206,3 +206,90 @@ def test_collect_plot_draws_every_run_and_seed(tmp_path):
     assert path == tmp_path / "results.png"
     height, width, _ = matplotlib.image.imread(path).shape
     assert (width, height) == (1440, 576)  # 12 × 4.8 inches at 120 dpi
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--max-steps", "0"], "--max-steps must be a positive integer"),
+        (["--weight-decay", "-1"], "weight_decay must be a number >= 0, got -1.0"),
+        (["--device", "cuda"], "CUDA is not available; accepted here: cpu, auto"),
+    ],
+)
+def test_cli_rejects_bad_options_in_one_line(tmp_path, capsys, argv, match, monkeypatch):
+    """Each bad option ends the command with exit 2 and one line naming the value, before data loads."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    import unitscale.train.finetune as ft
+
+    monkeypatch.setattr(ft, "load_data", lambda config: pytest.fail("data loaded before the check"))
+    assert main(["finetune", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1, err
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (a tiny model on a shared machine), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_interrupted_seed_resumes_bit_for_bit_and_saves_a_loadable_model(tmp_path, one_thread):
+    """A real SIGINT mid-epoch saves a checkpoint; resuming reaches the uninterrupted run's loss and weights
+    exactly; the saved model loads with weights_only=True, carries the label names and predicts like the
+    trained model."""
+    _interrupt_and_resume(tmp_path)
+
+
+def _interrupt_and_resume(tmp_path):
+    import signal
+
+    from unitscale.train import finetune_state, rundir
+    from unitscale.train.topics import TOPICS
+
+    data = {"train": _synthetic("train", 40, 0), "valid": _synthetic("valid", 12, 1)}
+    cfg = FinetuneConfig(epochs=2.0, batch_size=8, lr=2e-4, warmup=0.1, max_len=24, log_every=1,
+                         checkpoint_every=3, train_subset=None)
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    full = train_seed(cfg, 0, data, run_dir=full_dir)  # 10 steps: 5 per epoch
+
+    def interrupt(step, total, loss):
+        if step == 7:  # mid second epoch, one step after the step-6 checkpoint
+            signal.raise_signal(signal.SIGINT)
+
+    with rundir.StopSignals() as stop, pytest.raises(rundir.Interrupted, match="after step 7 of seed 0"):
+        train_seed(cfg, 0, data, progress=interrupt, run_dir=part_dir, stop=stop)
+    assert checkpoint_step(finetune_state.checkpoint_path(part_dir, 0)) == 7
+    assert not finetune_state.model_path(part_dir, 0).exists()
+    resumed = train_seed(cfg, 0, data, run_dir=part_dir, resume=True)
+    assert resumed["steps"] == full["steps"] == 10 and resumed["final_loss"] == full["final_loss"]
+    assert resumed["valid_acc"] == full["valid_acc"] and resumed["valid_loss"] == full["valid_loss"]
+    assert not finetune_state.checkpoint_path(part_dir, 0).exists()  # replaced by the model file
+    saved = {d: torch.load(finetune_state.model_path(d, 0), weights_only=True) for d in (full_dir, part_dir)}
+    assert saved[part_dir]["labels"] == list(TOPICS)
+    assert all(torch.equal(saved[full_dir]["model"][k], v) for k, v in saved[part_dir]["model"].items())
+    model, labels = finetune_state.load_finetuned(finetune_state.model_path(part_dir, 0))
+    ids, mask = data["valid"].input_ids, data["valid"].attention_mask
+    with torch.no_grad():
+        predicted = model(ids, mask).argmax(-1)
+    acc = float((predicted == data["valid"].labels).float().mean())
+    assert labels == list(TOPICS) and acc == pytest.approx(full["valid_acc"], abs=1e-12)
+
+
+def checkpoint_step(path) -> int:
+    return int(torch.load(path, weights_only=True)["step"])
+
+
+def test_cli_refuses_to_overwrite_a_run_and_names_resume_and_overwrite(tmp_path, capsys, monkeypatch):
+    import unitscale.train.finetune as ft
+
+    monkeypatch.setattr(ft, "load_data", lambda config: pytest.fail("data loaded before the check"))
+    run = tmp_path / "standard-fp32"
+    run.mkdir()
+    (run / "seed0.jsonl").write_text('{"seed": 0, "step": 10, "loss": 1.0}\n')
+    assert main(["finetune", "--out", str(tmp_path), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (seed0.jsonl)" in err and "--resume" in err and "--overwrite" in err
+    assert (run / "seed0.jsonl").read_text().startswith('{"seed": 0, "step": 10')

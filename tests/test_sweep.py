@@ -72,3 +72,67 @@ def test_best_lr_at_the_edge_of_the_grid_is_flagged() -> None:
     best = sweep.best_per_cell(rows)
     assert best[("gpt", "unit", "fp8", "adam")]["lr"] == 4.0
     assert sweep.at_edge(rows, best) == {("gpt", "unit", "fp8", "adam")}
+
+
+def test_runs_are_keyed_by_every_setting_that_changes_their_result(tmp_path, tiny, monkeypatch) -> None:
+    """A rerun with another seed or data file trains its own runs (the old ones stay, unreported); the
+    same settings reuse them; an interrupted run is resumed, not restarted."""
+    out = tmp_path / "sweep"
+    kw = {"families": ("gpt",), "scalings": ("unit",), "precisions": ("fp32",), "optimizers": ("adam",),
+          "data": str(tiny), "quiet": True}
+    sweep.run(out, "tiny", **kw)
+    first = sorted(p.parent.name for p in out.glob("*/lr_*/summary.json"))
+    assert len(first) == 2
+
+    from unitscale.train import loop
+
+    real_train = loop.train
+    calls = []
+
+    def counting(cfg):
+        calls.append(cfg)
+        return real_train(cfg)
+
+    monkeypatch.setattr(loop, "train", counting)
+    sweep.run(out, "tiny", **kw)
+    assert calls == []  # same settings: nothing retrained
+    report = sweep.run(out, "tiny", **{**kw, "seed": 1})
+    assert [c.seed for c in calls] == [1, 1] and not any(c.resume for c in calls)
+    assert "Seed 1;" in report.read_text()
+    seeds = {json.loads(p.read_text())["config"]["seed"] for p in out.glob("*/lr_*/summary.json")}
+    assert seeds == {0, 1}  # the seed-0 runs are kept, not relabelled
+    other = tmp_path / "other.txt"
+    other.write_text(tiny.read_text().replace("fp8", "int4"))
+    calls.clear()
+    sweep.run(out, "tiny", **{**kw, "data": str(other)})
+    assert len(calls) == 2 and all(c.data == str(other.resolve()) for c in calls)
+    assert len(list(out.glob("*/lr_*/summary.json"))) == 6
+    # an interrupted run (checkpoint, no finished summary) is resumed
+    victim = sorted(out.glob("*/lr_*/summary.json"))[0]
+    victim.unlink()
+    calls.clear()
+    data = json.loads((victim.parent / "config.json").read_text())["data"]
+    seed = json.loads((victim.parent / "config.json").read_text())["seed"]
+    sweep.run(out, "tiny", **{**kw, "data": data, "seed": seed})
+    assert len(calls) == 1 and calls[0].resume and calls[0].out_dir == str(victim.parent)
+
+
+def test_run_key_covers_data_content_not_its_path(tmp_path) -> None:
+    from unitscale.train.loop import TrainConfig
+
+    a = {"size": 10, "sha256": "a" * 64}
+    cfg = TrainConfig(seed=0, data="/x/a.txt")
+    assert sweep.run_key(cfg, a) == sweep.run_key(TrainConfig(seed=0, data="/elsewhere/b.txt"), a)
+    assert sweep.run_key(cfg, a) != sweep.run_key(cfg, {**a, "sha256": "b" * 64})
+    key = sweep.run_key(cfg, a)
+    for change in ({"seed": 1}, {"steps": 999}, {"device": "cuda"}, {"model_overrides": {"d_model": 8}},
+                   {"lr": 0.5}, {"precision": "fp8"}):
+        assert sweep.run_key(TrainConfig(**{"data": "/x/a.txt", **change}), a) != key, change
+    for free in ({"out_dir": "elsewhere"}, {"eval_every": 7}, {"quiet": True}, {"monitor_every": 0}):
+        assert sweep.run_key(TrainConfig(**{"data": "/x/a.txt", **free}), a) == key, free
+
+
+def test_report_of_an_old_sweep_directory_is_a_clear_error(tmp_path) -> None:
+    (tmp_path / "sweep.json").write_text(json.dumps({"preset": {"name": "cpu"}, "seed": 0, "data": "wiki"}))
+    with pytest.raises(ValueError, match="older unitscale .*rerun the sweep"):
+        sweep.report(tmp_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -218,3 +219,228 @@ def test_real_model_runs_and_unknown_model_lists_names(tmp_path, text_file):
     s = train(cfg(tmp_path, text_file, "gpt", model="gpt", precision="fp8", steps=3, lr=None,
                   model_overrides={"d_model": 16, "n_layers": 1, "n_heads": 2}))
     assert s["status"] == "finished" and math.isfinite(s["valid_bpc"])
+
+
+# Never lose a run ----------------------------------------------------------------------------------------
+
+def test_fresh_run_into_a_run_is_refused_and_overwrite_replaces_it(tmp_path, text_file):
+    from unitscale.train.rundir import RunDirError
+
+    train(cfg(tmp_path, text_file, "r", steps=8), model_fn=tiny)
+    before = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+    with pytest.raises(RunDirError, match="--resume to continue it or --overwrite to replace it"):
+        train(cfg(tmp_path, text_file, "r", steps=4), model_fn=tiny)
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before  # untouched
+    with pytest.raises(RunDirError, match="give one of them"):
+        train(cfg(tmp_path, text_file, "r", steps=4, resume=True, overwrite=True), model_fn=tiny)
+    s = train(cfg(tmp_path, text_file, "r", steps=4, overwrite=True), model_fn=tiny)
+    assert s["step"] == 4 and checkpoint.load(tmp_path / "r" / "checkpoint.pt")["step"] == 4
+    assert not (tmp_path / "r" / "checkpoint.prev.pt").exists() or \
+        checkpoint.load(tmp_path / "r" / "checkpoint.prev.pt")["step"] < 4  # nothing of the old run kept
+
+
+def test_run_lock_names_the_live_holder_and_takes_over_a_dead_ones(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from unitscale.train.rundir import LOCK_NAME, RunDirError, RunLock
+
+    code = ("import sys, time; from unitscale.train.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirError, match=f"in use by another run \\(pid {holder.pid}\\)"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died by SIGKILL: its pid is still written in the lock file, and the lock is free.
+    assert (tmp_path / LOCK_NAME).read_text().split()[0] == str(holder.pid)
+    with RunLock(tmp_path):
+        assert (tmp_path / LOCK_NAME).read_text().split()[0] == str(os.getpid())
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one_exactly(tmp_path, text_file, capsys):
+    full = train(cfg(tmp_path, text_file, "full"), model_fn=tiny)
+    train(cfg(tmp_path, text_file, "part", steps=12, stop_at=8), model_fn=tiny)
+    d = tmp_path / "part"
+    assert checkpoint.load(d / "checkpoint.pt")["step"] == 8
+    assert checkpoint.load(d / "checkpoint.prev.pt")["step"] == 4
+    data = (d / "checkpoint.pt").read_bytes()
+    (d / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
+    resumed = train(cfg(tmp_path, text_file, "part", resume=True), model_fn=tiny)
+    err = capsys.readouterr().err
+    assert "checkpoint.pt' is truncated or corrupt" in err and "(step 4)" in err, err
+    assert "weights_only=False" not in err
+    assert (d / "checkpoint.pt.corrupt").is_file()  # kept for inspection, never loaded again
+    assert resumed["final_loss"] == full["final_loss"] and resumed["test_bpc"] == full["test_bpc"]
+
+
+def test_both_checkpoints_bad_names_both_files(tmp_path, text_file):
+    train(cfg(tmp_path, text_file, "r", steps=8), model_fn=tiny)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (tmp_path / "r" / name).write_bytes(b"\x00" * 64)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        train(cfg(tmp_path, text_file, "r", steps=8, resume=True), model_fn=tiny)
+    msg = str(err.value)
+    assert "checkpoint.pt' is truncated or corrupt" in msg and "checkpoint.prev.pt' is truncated" in msg, msg
+    assert "weights_only=False" not in msg and "\n" not in msg
+
+
+def test_stale_temporaries_of_killed_saves_are_removed_at_start(tmp_path, text_file):
+    train(cfg(tmp_path, text_file, "r", steps=4), model_fn=tiny)
+    stale = [tmp_path / "r" / f".checkpoint.pt.{i:08x}.tmp" for i in range(3)]
+    for p in stale:
+        p.write_bytes(b"partial")
+    other = tmp_path / "r" / ".notes.tmp"
+    other.write_text("not ours")
+    train(cfg(tmp_path, text_file, "r", steps=8, resume=True), model_fn=tiny)
+    assert not any(p.exists() for p in stale) and other.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoints_get_the_users_umask(tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        path = checkpoint.save_atomic({"x": torch.ones(2)}, tmp_path / "c.pt")
+        checkpoint.save_atomic({"x": torch.zeros(2)}, path)  # a replacement, previous kept
+    finally:
+        os.umask(old)
+    for p in (path, checkpoint.previous_path(path)):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, oct(p.stat().st_mode)
+
+
+def test_changed_data_is_refused_on_resume_unless_allowed(tmp_path, text_file):
+    data = tmp_path / "data.txt"
+    data.write_text(text_file.read_text())
+    train(cfg(tmp_path, text_file, "r", steps=4, data=str(data)), model_fn=tiny)
+    saved = checkpoint.load(tmp_path / "r" / "checkpoint.pt")["data"]
+    assert saved["source"] == str(data.resolve()) and saved["size"] == data.stat().st_size
+    import hashlib
+
+    assert saved["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    data.write_text(text_file.read_text().replace("unit", "tinu"))  # same size, other content
+    with pytest.raises(ValueError, match="data changed since the checkpoint.*--allow-data-change"):
+        train(cfg(tmp_path, text_file, "r", steps=8, data=str(data), resume=True), model_fn=tiny)
+    s = train(cfg(tmp_path, text_file, "r", steps=8, data=str(data), resume=True, allow_data_change=True),
+              model_fn=tiny)
+    assert s["step"] == 8
+
+
+def test_summary_records_the_backend_that_ran(tmp_path, text_file, monkeypatch):
+    """fp8-hw asks for the FP8 GEMM backend; without CUDA every matmul runs in simulation, and summary.json
+    says so per matmul kind (the recipe entry keeps what was asked)."""
+    pytest.importorskip("unitscale.models")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    s = train(cfg(tmp_path, text_file, "hw", model="gpt", precision="fp8-hw", steps=2, lr=None,
+                  model_overrides={"d_model": 16, "n_layers": 1, "n_heads": 2}))
+    saved = json.loads((tmp_path / "hw" / "summary.json").read_text())
+    assert saved["backends"] == s["backends"]
+    assert set(s["backends"]) == {"linear", "attention"}
+    assert all(set(kinds) == {"simulate"} for kinds in s["backends"].values()), s["backends"]
+    assert sum(s["backends"]["linear"].values()) == 5  # qkv, out, up, down, lm_head
+    assert "backend=fp8" in s["recipe"]
+
+
+def test_tensorboard_mirrors_the_jsonl_metrics(tmp_path, text_file):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(cfg(tmp_path, text_file, "tb"), model_fn=tiny)
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    rows = read_jsonl(tmp_path / "tb" / "metrics.jsonl")
+    loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert loss == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows if r["event"] == "train"]
+    assert [e.step for e in acc.Scalars("eval/valid_bpc")] == [0, 4, 8, 12]
+
+
+def test_without_tensorboard_only_jsonl_is_written(tmp_path, text_file, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    train(cfg(tmp_path, text_file, "notb"), model_fn=tiny)
+    assert not (tmp_path / "notb" / "tensorboard").exists()
+    assert read_jsonl(tmp_path / "notb" / "metrics.jsonl")
+
+
+def test_warmup_longer_than_steps_warns(tmp_path, text_file):
+    with pytest.warns(UserWarning, match="--warmup 20 is longer than --steps 12"):
+        train(cfg(tmp_path, text_file, "w", warmup=20), model_fn=tiny)
+
+
+def test_set_options_owned_by_other_flags_or_of_the_wrong_type_are_refused(tmp_path, text_file):
+    pytest.importorskip("unitscale.models")
+    for overrides, match in (({"scaling": "standard"}, "scaling is set by --scaling"),
+                             ({"vocab_size": 3}, "vocab_size is set by the data's vocabulary"),
+                             ({"seq_len": 8}, "seq_len is set by --seq-len"),
+                             ({"d_model": "wide"}, r"--set d_model='wide': expected int"),
+                             ({"tau_mlp": "half"}, "expected float")):
+        with pytest.raises(ValueError, match=match):
+            train(cfg(tmp_path, text_file, "s", model="gpt", model_overrides=overrides))
+
+
+# loss.png, progress ----------------------------------------------------------------------------------------
+
+def test_smoothing_is_by_steps_and_adds_no_lag():
+    from unitscale.train.metrics import smooth_by_steps
+
+    steps = list(range(10, 1001, 10))  # every 10th step logged, as at the defaults
+    line = [5.0 - 0.003 * s for s in steps]  # a falling loss: a trailing average would lag above it
+    assert smooth_by_steps(steps, line) == pytest.approx(line, rel=1e-12, abs=1e-12)
+    # the window is in steps: logging every step or every 10th gives the same curve at shared steps
+    fine = list(range(1, 1001))
+    curve = [math.exp(-s / 150) for s in fine]
+    smooth_fine = dict(zip(fine, smooth_by_steps(fine, curve, window=60)))
+    coarse = smooth_by_steps(steps, [curve[s - 1] for s in steps], window=60)
+    inner = [(s, c) for s, c in zip(steps, coarse) if 40 <= s <= 960]  # away from the (different) ends
+    # equal up to the curvature term f''·(var of 7 samples − var of 61)/2 ≈ 1.5e-3
+    assert max(abs(c - smooth_fine[s]) for s, c in inner) < 3e-3
+    wide = smooth_by_steps(steps, [curve[s - 1] for s in steps], window=600)  # 61 points, not 61 steps
+    assert max(abs(w - smooth_fine[s]) for s, w in zip(steps, wide) if 40 <= s <= 960) > 0.05
+    # (the old rule, a mean over the last 20 logged points, lags by ~95 steps at log_every 10)
+    old = [sum(line[max(0, i - 19):i + 1]) / len(line[max(0, i - 19):i + 1]) for i in range(len(line))]
+    assert old[-1] - line[-1] == pytest.approx(0.003 * 95, rel=1e-9)
+    # reference: the mean over |step - s| <= h with h = min(30, s - first, last - s), written out here
+    for s in (1, 5, 200, 999, 1000):
+        h = min(30, s - 1, 1000 - s)
+        window = [v for t, v in zip(fine, curve) if abs(t - s) <= h]
+        assert smooth_fine[s] == pytest.approx(sum(window) / len(window), rel=1e-12)
+
+
+def test_loss_plot_draws_logged_points_faintly_under_the_smoothed_line():
+    from unitscale.train.metrics import curves_figure
+
+    records = [{"event": "train", "step": s, "loss": 2.0 + (s % 7) / 10} for s in range(1, 201)]
+    records += [{"event": "eval", "step": s, "valid_bpc": 3.0} for s in (0, 100, 200)]
+    ax = curves_figure([("run", records)]).axes[0]
+    raw, smooth, valid = ax.lines
+    assert list(raw.get_xdata()) == list(range(1, 201)) and raw.get_alpha() <= 0.3
+    assert smooth.get_alpha() > 0.5 and smooth.get_label() == "run (train)"
+    assert max(smooth.get_ydata()) - min(smooth.get_ydata()) < max(raw.get_ydata()) - min(raw.get_ydata())
+    assert list(valid.get_xdata()) == [0, 100, 200]
+
+
+def test_progress_keeps_counter_bar_and_eta_at_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from unitscale.train.metrics import TrainProgress
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=80, force_terminal=True, color_system=None)
+    bar = TrainProgress(3000, "gpt-post/standard/fp8-critical-bf16", console=console, start=1200)
+    bar.update(1200, tokens_per_s=12345.6, loss=3.21454, valid_bpc=2.98767,
+               scales="blocks.2.body:matmul1.a (activation, fp8_e4b) RMS 2^-4.80 below the comfortable band")
+    console.print(bar._progress.get_renderable())
+    lines = buf.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert "1200/3000" in lines[0] and "━" in lines[0] and re.search(r"-:--:--|\d:\d\d:\d\d", lines[0])
+    assert lines[1].strip() == "loss 3.2145 · valid BPC 2.9877 · 12,346 tok/s"
+    assert lines[2].startswith("  scales: blocks.2.body:matmul1.a") and lines[2].endswith("…")

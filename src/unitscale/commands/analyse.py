@@ -1,5 +1,6 @@
 """``unitscale analyse``: scale plot, table and JSON of one training step of a model at initialisation or
-from a checkpoint written by ``unitscale train``."""
+from a checkpoint written by ``unitscale train`` or ``demo`` (its model, options, recipe and vocabulary are
+read from the checkpoint, through the safe loader)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,22 @@ _SCALINGS = ("unit", "standard")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="gpt", help="preset of unitscale.models.build (default gpt)")
+    from unitscale.models import MODEL_NAMES
+
+    parser.add_argument("--model", default="gpt", help=f"one of {', '.join(MODEL_NAMES)} (default gpt)")
     parser.add_argument("--scaling", default="unit", choices=_SCALINGS)
-    parser.add_argument("--checkpoint", type=Path, help="analyse this checkpoint instead of a fresh model")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="analyse this checkpoint of unitscale train/demo (or a run directory's newest) "
+                             "instead of a fresh model; its model options override --model, --scaling, --set "
+                             "(default: a fresh model)")
     parser.add_argument("--format", default="e4m3", help="number format whose ranges are used (default e4m3)")
     parser.add_argument("--out", type=Path, default=Path("scales.png"), help="plot file (default scales.png)")
-    parser.add_argument("--json", type=Path, help="also write all records as JSON here")
+    parser.add_argument("--json", type=Path, help="also write all records as JSON here (default: no JSON)")
     parser.add_argument("--table", action="store_true", help="print the full table (default: a summary)")
-    parser.add_argument("--pattern", help="only tensors whose name matches this regex (plot and table)")
+    parser.add_argument("--pattern", help="only tensors whose name matches this regex (default: all)")
     parser.add_argument("--vocab-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, help="number of layers (model option n_layers)")
+    parser.add_argument("--layers", type=int, help="number of layers, model option n_layers (default: the "
+                        "model's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -50,29 +57,22 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out[key.strip()] = _parse_value(value.strip())
     if args.layers is not None:
         out["n_layers"] = args.layers
+    from unitscale.train.loop import check_model_options
+
+    check_model_options(out, {"scaling": "--scaling", "vocab_size": "--vocab-size", "seq_len": "--seq-len"})
     return out
 
 
 def _from_checkpoint(path: Path) -> tuple[Any, int, str]:
-    """(model, vocab size, label) from a ``unitscale train`` checkpoint: {"model", "config", "vocab"}."""
-    import torch
-
+    """(model, vocab size, label) from a ``unitscale train``/``demo`` checkpoint (file or run directory)."""
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    from unitscale.models import GPT, GPTConfig
+    from unitscale.train.restore import load_trained
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a unitscale checkpoint (needs 'model' and 'config'; has {keys})")
-    config = dict(ckpt["config"])
-    # A training config may nest the model's fields under "model".
-    if isinstance(config.get("model"), dict):
-        config = dict(config["model"])
-    known = set(GPTConfig.__dataclass_fields__)
-    model = GPT(GPTConfig(**{k: v for k, v in config.items() if k in known}))
-    model.load_state_dict(ckpt["model"])
-    return model, model.cfg.vocab_size, f"{path.name} ({model.cfg.scaling} scaling)"
+    run = load_trained(path)
+    c = run.config
+    label = f"{run.path.name} step {run.step} ({c.model}, {c.scaling}, {c.precision})"
+    return run.model, len(run.vocab), label
 
 
 def _summary(report: Any) -> str:
@@ -100,8 +100,12 @@ def run(args: argparse.Namespace) -> int:
 
     from unitscale.analysis import track_scales
     from unitscale.formats import get_format
+    from unitscale.train.rundir import writable
 
     get_format(args.format)  # fail fast, before building anything
+    writable(args.out.parent, "--out")
+    if args.json is not None:
+        writable(args.json.parent, "--json")
     for name in ("batch_size", "seq_len", "vocab_size"):
         if getattr(args, name) < 1:
             flag = "--" + name.replace("_", "-")

@@ -1,4 +1,5 @@
-"""``unitscale finetune``: MiniLM-L6 on Wikipedia topic classification, mean ± std over seeds."""
+"""``unitscale finetune``: MiniLM-L6 on Wikipedia topic classification, mean ± std over seeds; each seed's
+fine-tuned model is saved (``seed<k>.model.pt``), and an interrupted run continues with ``--resume``."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ HELP = "fine-tune MiniLM-L6 on Wikipedia topics (11 classes) in a precision reci
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from unitscale.precision import RECIPE_NAMES
     from unitscale.train.finetune import FinetuneConfig
 
     d = FinetuneConfig()
     parser.add_argument(
-        "--precision", default=d.precision, help="recipe name, e.g. fp32, fp16, fp8 (default fp32)"
+        "--precision", default=d.precision, help=f"recipe, one of {', '.join(RECIPE_NAMES)} (default fp32)"
     )
     parser.add_argument("--scaling", default=d.scaling, choices=("standard", "unit"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
@@ -32,10 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"train on a fixed random N articles; 0 = all (default {d.train_subset})",
     )
     parser.add_argument("--pooling", default=d.pooling, choices=("mean", "cls"))
-    parser.add_argument("--device", default=d.device, help="torch device (default cpu)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop each seed after this many steps")
+    parser.add_argument("--device", default=d.device, help="cpu | cuda | auto (default cpu)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop each seed after this many steps (default: all epochs)")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                        help=f"steps between resumable checkpoints (default {d.checkpoint_every})")
     parser.add_argument("--out", default="runs/ft", help="output folder (default runs/ft)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in OUT/RUN with the same options: finished seeds are kept, "
+                             "interrupted ones continue from their checkpoint (default off)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in OUT/RUN (default off: such a run is refused)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,13 +64,16 @@ def run(args: argparse.Namespace) -> int:
         train_subset=args.train_subset or None,
         pooling=args.pooling,
         device=args.device,
+        checkpoint_every=args.checkpoint_every,
     )
     summary = run_finetune(
-        config, args.seeds, args.out, show_progress=not args.no_progress, max_steps=args.max_steps
+        config, args.seeds, args.out, show_progress=not args.no_progress, max_steps=args.max_steps,
+        resume=args.resume, overwrite=args.overwrite,
     )
     from unitscale.train.finetune import markdown_table
 
     print(markdown_table([summary]), end="")  # plain print: a markdown table must not be wrapped
     out = args.out
-    print(f"wrote {out}/{config.run_name}/summary.json, summary.md, {out}/results.md and {out}/results.png")
+    print(f"wrote {out}/{config.run_name}/summary.json, summary.md, seed<k>.model.pt, {out}/results.md and "
+          f"{out}/results.png")
     return 1 if summary["diverged"] else 0

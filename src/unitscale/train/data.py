@@ -172,12 +172,37 @@ def text_file_texts(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {str(path)!r}: no such file; accepted: 'wiki' or a text file path")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--data {str(path)!r} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
+                         f"{err.start}); accepted: 'wiki' or a plain UTF-8 text file") from None
     n = len(text)
     a, b = int(n * SPLIT_FRACTIONS[0]), int(n * (SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1]))
     if min(a, b - a, n - b) < 2:
         raise ValueError(f"{path} has {n} characters: too short to split into train/valid/test")
     return {"train": text[:a], "valid": text[a:b], "test": text[b:]}
+
+
+def resolve_source(source: str | Path) -> str:
+    """"wiki", or the absolute path of a text file (so a run resumes from any working directory)."""
+    source = str(source)
+    return source if source == "wiki" else str(Path(source).expanduser().resolve())
+
+
+def fingerprint(source: str | Path) -> dict[str, Any]:
+    """{"source", "size", "sha256"} of the file behind ``source`` (the wheel's JSON for "wiki"): what a
+    resumed run compares to refuse training on changed data."""
+    source = resolve_source(source)
+    path = wiki_json_path() if source == "wiki" else Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {source!r}: no such file; accepted: 'wiki' or a text file path")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"source": source, "size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def load_corpus(source: str | Path = "wiki", *, min_count: int = 1, vocab: Vocab | None = None) -> CharCorpus:

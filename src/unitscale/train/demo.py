@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from unitscale.train.loop import TrainConfig, train
+from unitscale.train import rundir
+from unitscale.train.loop import RUN_MARKERS, TrainConfig, train
 from unitscale.train.metrics import plot_curves, read_jsonl
 
 DEMO_MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 2}
@@ -43,8 +44,13 @@ def demo_config(out: str | Path, *, steps: int = 150, data: str = "wiki", seed: 
 
 
 def run_demo(out: str | Path = "runs/demo", *, steps: int = 150, data: str = "wiki", seed: int = 0,
-             reference: bool = True, console: Any = None) -> dict[str, dict[str, Any]]:
-    """Train the demo runs, write ``demo.png`` and ``demo.md`` into ``out``; return summaries by run name."""
+             reference: bool = True, console: Any = None, overwrite: bool = False,
+             progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Train the demo runs, write ``demo.png`` and ``demo.md`` into ``out``; return summaries by run name.
+
+    Each run shows the training progress bar (step counter and ETA) when ``progress`` and the output is a
+    terminal. A demo already in ``out`` is replaced only with ``overwrite``.
+    """
     from rich.console import Console
 
     console = console or Console()
@@ -52,14 +58,16 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 150, data: str = "wi
     runs = [DemoRun("standard", "fp8"), DemoRun("unit", "fp8")]
     if reference:
         runs += [DemoRun("standard", "fp32"), DemoRun("unit", "fp32")]
+    if not overwrite and any(rundir.existing(out / r.name, RUN_MARKERS) for r in runs):
+        raise rundir.RunDirError(f"{out} already holds a demo; pass --overwrite to replace it, or choose "
+                                 "another --out")
     base = demo_config(out, steps=steps, data=data, seed=seed)
     summaries: dict[str, dict[str, Any]] = {}
     for run in runs:
         cfg = replace(base, scaling=run.scaling, precision=run.precision, lr=DEMO_LR[run.scaling],
-                      out_dir=str(out / run.name))
+                      out_dir=str(out / run.name), overwrite=overwrite, quiet=not progress)
         t0 = time.perf_counter()
-        with console.status(f"training {run.name} ({steps} steps)"):
-            summaries[run.name] = train(cfg)
+        summaries[run.name] = train(cfg)
         s = summaries[run.name]
         console.print(f"{run.name:<14} valid BPC {_fmt(s['valid_bpc'])}  ({time.perf_counter() - t0:.0f} s, "
                       f"lr {s['lr']:.2g})")

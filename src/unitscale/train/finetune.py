@@ -2,15 +2,20 @@
 
 One seed: classifier = MiniLM encoder + mean pooling + linear head; AdamW (no decay on vectors), learning
 rate linear warm-up over ``warmup`` of the steps then linear decay to 0; cross-entropy; accuracy on the
-valid and test splits at the end. Metrics go to ``<out>/<run>/seed<k>.jsonl``; over seeds, accuracy
+valid and test splits at the end. Metrics go to ``<out>/<run>/seed<k>.jsonl`` and the fine-tuned model to
+``seed<k>.model.pt`` (weights and label names, ``finetune_state.load_finetuned``); over seeds, accuracy
 mean ± sample std goes to ``<out>/<run>/summary.json`` and ``summary.md``, and every run under ``out`` is
 gathered into ``<out>/results.md`` and drawn in ``<out>/results.png`` (loss curves, accuracy per run).
+Like ``unitscale train``, a run directory is locked while in use, never overwritten without
+``overwrite``, checkpointed every ``checkpoint_every`` steps and on SIGINT/SIGTERM, and continued bit for
+bit with ``resume`` (``finetune_state``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -26,6 +31,8 @@ from torch import Tensor, nn
 
 import unitscale.functional as U
 from unitscale.models.bert import POOLINGS, BertClassifier, load_minilm
+from unitscale.train import checkpoint, finetune_state, rundir
+from unitscale.train.metrics import MetricsLog
 from unitscale.train.topics import TOPICS, TopicData, load_topics
 from unitscale.transforms import unit_scale
 
@@ -49,6 +56,7 @@ class FinetuneConfig:
     dropout: float = 0.1
     eval_batch_size: int = 128
     log_every: int = 10
+    checkpoint_every: int = 100  # steps between resumable checkpoints of a seed
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -61,7 +69,9 @@ class FinetuneConfig:
         for name in ("epochs", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("batch_size", "max_len", "eval_batch_size", "log_every"):
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay}")
+        for name in ("batch_size", "max_len", "eval_batch_size", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -170,13 +180,21 @@ def train_seed(
     log: Callable[[dict[str, Any]], None] = lambda record: None,
     progress: Callable[[int, int, float], None] = lambda step, total, loss: None,
     max_steps: int | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    stop: rundir.StopSignals | None = None,
 ) -> dict[str, Any]:
     """Fine-tune one seed; returns final metrics. ``data`` has "train" and any of "valid"/"test".
 
     ``log`` receives every metrics record (also written as JSONL by ``run``); ``progress`` is called after
     each step with (step, total_steps, loss). A non-finite loss stops training (``diverged`` = True).
+    With ``run_dir`` the seed is checkpointed there every ``checkpoint_every`` steps and when ``stop``
+    has caught a signal (then ``rundir.Interrupted`` is raised), continued from its checkpoint when
+    ``resume``, and the fine-tuned model saved at the end (``finetune_state``).
     """
-    device = torch.device(config.device)
+    from unitscale.train.config import resolve_device
+
+    device = resolve_device(config.device)
     train = data["train"].subset(config.train_subset)
     first = torch.arange(min(config.batch_size, len(train)))
     example = next(_batches(train, config.batch_size, first, device))[:2]
@@ -193,11 +211,22 @@ def train_seed(
     loss_scale = recipe.loss_scale or 1.0
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    step, diverged, losses = 0, False, []
+    ckpt = finetune_state.checkpoint_path(Path(run_dir), seed) if run_dir is not None else None
+    pos = finetune_state.Position()
+    if resume and ckpt is not None and (ckpt.is_file() or checkpoint.previous_path(ckpt).is_file()):
+        pos = finetune_state.restore(ckpt, config, seed, max_steps, model, opt, sched, gen)
+
+    def save() -> None:
+        if ckpt is not None:
+            finetune_state.save(ckpt, config, seed, max_steps, pos, model, opt, sched, gen)
+
+    step, diverged, losses = pos.step, False, pos.losses
     start, cpu_start = time.perf_counter(), time.process_time()
     while step < total and not diverged:
-        order = torch.randperm(len(train), generator=gen)
-        for ids, mask, labels in _batches(train, config.batch_size, order, device):
+        if pos.order is None:
+            pos.order, pos.batch = torch.randperm(len(train), generator=gen), 0
+        batches = _batches(train, config.batch_size, pos.order, device)
+        for ids, mask, labels in itertools.islice(batches, pos.batch, None):
             with _autocast(recipe, device):
                 logits = model(ids, mask)
             loss = loss_fn(logits.float(), labels)
@@ -214,6 +243,7 @@ def train_seed(
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
+            pos.step, pos.batch = step, pos.batch + 1
             losses.append(loss.item())
             progress(step, total, losses[-1])
             if step % config.log_every == 0 or step == total:
@@ -227,8 +257,16 @@ def train_seed(
                         "elapsed_s": time.perf_counter() - start,
                     }
                 )
+            if stop is not None and stop.signum is not None and step < total:
+                save()
+                raise rundir.Interrupted(f"stopped by {stop.name} after step {step} of seed {seed}; "
+                                         f"checkpoint saved to {ckpt}; continue with --resume", stop.signum)
+            if step % config.checkpoint_every == 0 and step < total:
+                save()
             if step >= total:
                 break
+        else:
+            pos.order = None  # the epoch is done: the next one draws a new order
     train_s = time.perf_counter() - start
     cpu_s = time.process_time() - cpu_start  # CPU seconds of all threads: robust to a shared, busy machine
     result: dict[str, Any] = {
@@ -247,7 +285,13 @@ def train_seed(
             metrics = evaluate(model, data[split], recipe, config.eval_batch_size)
             result[f"{split}_acc"] = metrics["acc"]
             result[f"{split}_loss"] = metrics["loss"]
+    if run_dir is not None:
+        finetune_state.save_model(finetune_state.model_path(Path(run_dir), seed), model, config, seed, TOPICS,
+                                  example)
     log({"seed": seed, "event": "final", **result})
+    if ckpt is not None:
+        for path in (ckpt, checkpoint.previous_path(ckpt)):
+            path.unlink(missing_ok=True)  # the seed is done: its model file replaces the checkpoint
     return result
 
 
@@ -381,48 +425,89 @@ def load_data(config: FinetuneConfig) -> dict[str, TopicData]:
     return {split: load_topics(split, config.max_len) for split in ("train", "valid", "test")}
 
 
+# Files that mark a fine-tuning run directory as holding a run (``rundir.claim``).
+RUN_FILES = ("seed*.jsonl", "seed*.pt", "summary.json", "summary.md")
+
+
+def check_run_options(seeds: Sequence[int], max_steps: int | None) -> None:
+    """ValueError naming a bad option of ``run`` (before any data or weights load)."""
+    if not seeds:
+        raise ValueError("need at least one seed")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                  or max_steps < 1):
+        raise ValueError(f"--max-steps must be a positive integer (or unset: all epochs), got {max_steps!r}")
+
+
+def _finished(path: Path) -> dict[str, Any] | None:
+    """The final record of a seed whose metrics file says it finished (its model file exists)."""
+    from unitscale.train.metrics import read_jsonl
+
+    finals = [r for r in read_jsonl(path) if r.get("event") == "final"]
+    return finals[-1] if finals else None
+
+
 def run(
     config: FinetuneConfig,
     seeds: Sequence[int],
     out: str | Path,
     show_progress: bool = True,
     max_steps: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune every seed; write metrics JSONL, summary JSON/markdown and the gathered table."""
-    if not seeds:
-        raise ValueError("need at least one seed")
+    """Fine-tune every seed; write metrics JSONL, the models, summary JSON/markdown and the gathered table.
+
+    ``resume`` continues the seeds of a run in ``out`` (finished seeds are read back, interrupted ones
+    continue from their checkpoint); ``overwrite`` replaces it; without either, a run there is refused.
+    """
+    check_run_options(seeds, max_steps)
     from unitscale import precision
+    from unitscale.train.config import resolve_device
 
     precision.get_recipe(config.precision)  # a bad name fails before data and weights load
+    resolve_device(config.device)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     run_dir = Path(out) / config.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data = load_data(config)
-    results = []
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, disable=not show_progress) as bar:
+    with rundir.RunLock(run_dir), rundir.StopSignals() as stop:
+        rundir.claim(run_dir, resume=resume, overwrite=overwrite, markers=RUN_FILES)
+        resume_at: dict[int, int] = {}  # seed -> checkpointed step, read (safely) before any data loads
         for seed in seeds:
-            task = bar.add_task(f"{config.run_name} seed {seed}", total=None, loss=float("nan"))
-            with (run_dir / f"seed{seed}.jsonl").open("w") as fh:
-
-                def log(record: dict[str, Any], fh=fh) -> None:
-                    fh.write(json.dumps(record) + "\n")
-                    fh.flush()
+            ckpt = finetune_state.checkpoint_path(run_dir, seed)
+            checkpoint.clean_temporaries(ckpt)
+            if resume and any(p.is_file() for p in (ckpt, checkpoint.previous_path(ckpt))):
+                resume_at[seed] = int(checkpoint.load_latest(ckpt)[0]["step"])
+        data = load_data(config)
+        results = []
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=30),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}"),
+        )
+        with Progress(*columns, disable=not show_progress) as bar:
+            for seed in seeds:
+                metrics = run_dir / f"seed{seed}.jsonl"
+                done = _finished(metrics) if resume else None
+                if done is not None and finetune_state.model_path(run_dir, seed).is_file():
+                    results.append({k: v for k, v in done.items() if k != "event"})
+                    continue
+                at = resume_at.get(seed)
+                task = bar.add_task(f"{config.run_name} seed {seed}", total=None, loss=float("nan"))
+                log = MetricsLog(metrics, keep_until_step=at)
 
                 def progress(step: int, total: int, loss: float, task=task) -> None:
                     bar.update(task, completed=step, total=total, loss=loss)
 
-                results.append(train_seed(config, seed, data, log, progress, max_steps))
-    summary = summarise(config, results)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (run_dir / "summary.md").write_text(markdown_table([summary]))
-    collect_table(out)
-    collect_plot(out)
+                try:
+                    results.append(train_seed(config, seed, data, log.write, progress, max_steps,
+                                              run_dir=run_dir, resume=at is not None, stop=stop))
+                finally:
+                    log.close()
+        summary = summarise(config, results)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (run_dir / "summary.md").write_text(markdown_table([summary]))
+        collect_table(out)
+        collect_plot(out)
     return summary

@@ -3,9 +3,11 @@
 Plain SGD / Adam / AdamW with linear warm-up and cosine decay, no gradient clipping unless asked (the
 paper's point is that unit scaling needs no tricks). Deterministic for a fixed seed: parameters come from
 ``torch.manual_seed(seed)``, batches from the sampler's own generator, and a checkpoint carries every
-piece of state (model, optimiser, schedule step, global RNG, sampler RNG, vocabulary, config), so a resumed
-run continues bit for bit. A non-finite loss or gradient stops the run before the optimiser step, names
-the step and the first tensor that overflowed, and leaves the last good checkpoint untouched.
+piece of state (model, optimiser, schedule step, global RNG, sampler RNG, vocabulary, config, the data's
+fingerprint), so a resumed run continues bit for bit. A non-finite loss or gradient stops the run before
+the optimiser step, names the step and the first tensor that overflowed, and leaves the last good
+checkpoint untouched. The run directory is locked for the run (``unitscale.train.rundir``); SIGINT and
+SIGTERM stop the run at the next step boundary after a checkpoint (on every rank together under torchrun).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import dataclasses
 import functools
 import json
 import math
+import signal
+import sys
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,84 +31,37 @@ from torch import Tensor, nn
 
 from unitscale.monitor import ScaleMonitor
 from unitscale.scale import scaled
-from unitscale.train import checkpoint, distributed
-from unitscale.train.data import BatchSampler, Vocab, eval_windows, load_corpus
+from unitscale.train import checkpoint, distributed, rundir
+from unitscale.train.config import (
+    OPTIMIZERS,
+    RESERVED_MODEL_OPTIONS,
+    RESUME_FREE,
+    RUN_FILES,
+    RUN_MARKERS,
+    SCALINGS,
+    TrainConfig,
+    check_model_options,
+    check_names,
+    config_from_dict,
+    resolve_device,
+)
+from unitscale.train.data import BatchSampler, Vocab, eval_windows, fingerprint, load_corpus, resolve_source
+from unitscale.train.diagnose import _finite, first_nonfinite
 from unitscale.train.metrics import MetricsLog, TrainProgress, bpc, evaluate_bpc, plot_curves, read_jsonl
+from unitscale.train.summary import backends_run, print_summary
 
-OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "sgd")
-SCALINGS: tuple[str, ...] = ("unit", "standard")
+# TrainConfig and its rules (train.config), the diagnosis (train.diagnose) and the report (train.summary)
+# live in their own modules; their names stay importable from here.
+__all__ = [
+    "OPTIMIZERS", "RESERVED_MODEL_OPTIONS", "RESUME_FREE", "RUN_FILES", "RUN_MARKERS", "SCALINGS",
+    "NonFiniteError", "TrainConfig", "backends_run", "build_model", "check_model_options", "check_names",
+    "config_from_checkpoint", "config_from_dict", "first_nonfinite", "lr_factor", "make_optimizer",
+    "print_summary", "resolve_device", "train",
+]
+
 FALLBACK_LR = 1e-3  # only for models without default_lr()
-# Fields a resumed run may change without leaving the original trajectory (steps extends the schedule).
-RESUME_FREE: frozenset[str] = frozenset({
-    "steps", "out_dir", "resume", "quiet", "eval_every", "checkpoint_every", "log_every", "stop_on_nonfinite",
-    "parallel", "stop_at", "device", "monitor_every", "monitor_patience",
-})
-
-ModelFn = Callable[["TrainConfig", int], nn.Module]
+ModelFn = Callable[[TrainConfig, int], nn.Module]
 StepHook = Callable[[int, nn.Module, float], None]
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run (saved in every checkpoint and in summary.json)."""
-
-    model: str = "gpt"
-    scaling: str = "unit"
-    precision: str = "fp32"
-    optimizer: str = "adamw"
-    lr: float | None = None  # None: model.default_lr(optimizer) (unit and standard models differ)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    warmup: int = 100
-    steps: int = 1000
-    batch_size: int = 16
-    seq_len: int = 128
-    eval_every: int = 250
-    eval_windows: int = 64
-    checkpoint_every: int = 500
-    log_every: int = 10
-    seed: int = 0
-    grad_clip: float | None = None
-    device: str = "cpu"
-    data: str = "wiki"
-    vocab_min_count: int = 1  # characters rarer than this in train map to the unknown id
-    out_dir: str = "runs/train"
-    resume: bool = False
-    quiet: bool = False
-    stop_on_nonfinite: bool = True
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    parallel: str = "none"  # "ddp" | "fsdp" under torchrun (see train.distributed)
-    stop_at: int | None = None  # checkpoint and stop after this step; the schedule still spans ``steps``
-    monitor_every: int = 200  # scale-health check every N steps (unitscale.monitor); 0 = off
-    monitor_patience: int = 3  # warn after this many consecutive uncomfortable checks of one tensor
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field and what it accepts."""
-        if self.scaling not in SCALINGS:
-            raise ValueError(f"unknown scaling {self.scaling!r}; accepted: {', '.join(SCALINGS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every",
-                     "log_every", "vocab_min_count", "monitor_patience"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
-        if not isinstance(self.monitor_every, int) or self.monitor_every < 0:
-            raise ValueError(f"monitor_every must be an integer >= 0 (0: off), got {self.monitor_every!r}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number (None: the model's default), got {self.lr!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be positive or None (off), got {self.grad_clip!r}")
-        if self.stop_at is not None and (not isinstance(self.stop_at, int) or self.stop_at < 1):
-            raise ValueError(f"stop_at must be a positive integer or None, got {self.stop_at!r}")
-        if self.parallel not in distributed.PARALLEL:
-            accepted = ", ".join(distributed.PARALLEL)
-            raise ValueError(f"unknown parallel mode {self.parallel!r}; accepted: {accepted}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay!r}, "
-                             f"{self.momentum!r}")
 
 
 class NonFiniteError(RuntimeError):
@@ -118,29 +76,6 @@ def lr_factor(step: int, warmup: int, steps: int) -> float:
     if steps <= warmup:
         return 1.0
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" picks CUDA when present; otherwise the named torch device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; accepted: auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; accepted here: cpu, auto")
-    return device
-
-
-def check_names(config: TrainConfig) -> None:
-    """Model and recipe names, checked before any data is loaded (errors list the valid names)."""
-    from unitscale.models import MODEL_NAMES
-    from unitscale.precision import get_recipe
-
-    if config.model not in MODEL_NAMES:
-        raise ValueError(f"unknown model {config.model!r}; accepted: {', '.join(MODEL_NAMES)}")
-    get_recipe(config.precision)
 
 
 def build_model(config: TrainConfig, vocab_size: int) -> nn.Module:
@@ -169,62 +104,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.op
     return opt
 
 
-def _tensors(obj: Any) -> list[Tensor]:
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for o in obj for t in _tensors(o)]
-    if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _tensors(o)]
-    return []
-
-
-def _finite(t: Tensor) -> bool:
-    return bool(torch.isfinite(t).all())
-
-
-def first_nonfinite(model: nn.Module, run: Callable[[], None]) -> str:
-    """Re-run ``run`` (a forward + backward of the failing step) with hooks and describe the first
-    non-finite tensor: a parameter, then a module output in forward order, then an output gradient in
-    backward order, then a parameter gradient."""
-    for name, p in model.named_parameters():
-        if not _finite(p):
-            return f"parameter {name!r} {tuple(p.shape)} (non-finite before the step)"
-    found: dict[str, str] = {}
-
-    def on_grad(g: Tensor, name: str) -> None:
-        if "backward" not in found and not _finite(g):
-            found["backward"] = f"gradient of the output of module {name} {tuple(g.shape)} (backward pass)"
-
-    def on_forward(module: nn.Module, _inp: Any, out: Any, name: str) -> None:
-        for t in _tensors(out):
-            if not t.is_floating_point():
-                continue
-            if "forward" not in found and not _finite(t):
-                found["forward"] = f"output of module {name} ({type(module).__name__}) {tuple(t.shape)}"
-            if t.requires_grad:
-                t.register_hook(functools.partial(on_grad, name=name))
-
-    hooks = [m.register_forward_hook(functools.partial(on_forward, name=repr(n) if n else "<model>"))
-             for n, m in model.named_modules()]
-    try:
-        model.zero_grad(set_to_none=True)
-        run()
-    except RuntimeError as err:  # e.g. a backend refusing non-finite input
-        found.setdefault("forward", f"(the re-run raised: {err})")
-    finally:
-        for h in hooks:
-            h.remove()
-    if "forward" in found:
-        return found["forward"]
-    if "backward" in found:
-        return found["backward"]
-    for name, p in model.named_parameters():
-        if p.grad is not None and not _finite(p.grad):
-            return f"gradient of parameter {name!r} {tuple(p.shape)}"
-    return "none found on re-run (the overflow did not reproduce)"
-
-
 class _Run:
     """One training run's live objects; ``train`` drives it."""
 
@@ -234,13 +113,33 @@ class _Run:
         config.validate()
         if model_fn is None:
             check_names(config)
+        config = dataclasses.replace(config, data=resolve_source(config.data))
         self.recipe = get_recipe(config.precision)
         self.dist, self.device = distributed.setup(config.parallel, resolve_device(config.device))
         self.out = Path(config.out_dir)
         self.ckpt_path = self.out / checkpoint.CHECKPOINT_NAME
-        self.state = checkpoint.load(self.ckpt_path) if config.resume else None
+        # Rank 0 owns the directory: it locks it first, so nothing below can disturb another live run.
+        self.lock = rundir.RunLock(self.out).acquire() if self.dist.is_main else None
+        try:
+            self._setup(config, model_fn, apply)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def _setup(self, config: TrainConfig, model_fn: ModelFn | None, apply: Callable) -> None:
+        if self.dist.is_main:
+            rundir.claim(self.out, resume=config.resume, overwrite=config.overwrite, markers=RUN_MARKERS,
+                         files=RUN_FILES)
+            checkpoint.clean_temporaries(self.ckpt_path)
+        self.state = self._load_state() if config.resume else None
+        self.data = fingerprint(config.data)
         if self.state is not None:
             _check_resumable(config, self.state["config"])
+            _check_data(self.state.get("data"), self.data, config.allow_data_change)
         vocab = Vocab.from_dict(self.state["vocab"]) if self.state else None
         self.corpus = load_corpus(config.data, min_count=config.vocab_min_count, vocab=vocab)
         self.config = config
@@ -270,6 +169,16 @@ class _Run:
         self.autocast: Callable[[], contextlib.AbstractContextManager] = (
             contextlib.nullcontext if dtype == torch.float32
             else functools.partial(torch.autocast, self.device.type, dtype=dtype))
+
+    def _load_state(self) -> dict[str, Any]:
+        """The newest readable checkpoint; a corrupt newest one is named, set aside, the previous used."""
+        state, _, problem = checkpoint.load_latest(self.ckpt_path)
+        if problem is not None and self.dist.is_main:
+            print(f"unitscale train: warning: {problem}", file=sys.stderr)
+            bad = checkpoint.set_aside(self.ckpt_path)
+            if bad is not None:
+                print(f"unitscale train: the unreadable file was renamed to {bad}", file=sys.stderr)
+        return state
 
     # one step ---------------------------------------------------------------------------------------------
     def forward_backward(self, x: Tensor, y: Tensor) -> Tensor:
@@ -309,6 +218,7 @@ class _Run:
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
             "sampler": self.sampler.state_dict(), "vocab": self.corpus.vocab.to_dict(), "wall_s": self.wall,
+            "data": self.data,
         }, self.ckpt_path)
         self.ckpt_step = self.step
 
@@ -336,6 +246,16 @@ def _item(t: Tensor) -> float:
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
+def _check_data(saved: dict[str, Any] | None, now: dict[str, Any], allow: bool) -> None:
+    """A resumed run trains on the data its checkpoint was trained on, unless ``allow``."""
+    if saved is None or allow or (saved.get("size"), saved.get("sha256")) == (now["size"], now["sha256"]):
+        return
+    was = f"{saved.get('source')} ({saved.get('size')} bytes, sha256 {str(saved.get('sha256'))[:16]}…)"
+    raise ValueError(f"--resume: the data changed since the checkpoint: {now['source']} now has "
+                     f"{now['size']} bytes, sha256 {now['sha256'][:16]}…, but the run was trained on {was}; "
+                     "pass --allow-data-change to continue on the new data")
+
+
 def _check_resumable(config: TrainConfig, saved: dict[str, Any]) -> None:
     now = asdict(config)
     changed = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
@@ -346,37 +266,55 @@ def _check_resumable(config: TrainConfig, saved: dict[str, Any]) -> None:
 
 
 def config_from_checkpoint(out_dir: str | Path) -> TrainConfig:
-    """The TrainConfig saved in ``out_dir``'s checkpoint (for resuming with nothing else given)."""
-    saved = checkpoint.load(Path(out_dir) / checkpoint.CHECKPOINT_NAME)["config"]
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    """The TrainConfig saved in ``out_dir``'s newest readable checkpoint (to resume with nothing else)."""
+    return config_from_dict(checkpoint.load_latest(Path(out_dir) / checkpoint.CHECKPOINT_NAME)[0]["config"])
 
 
 def train(config: TrainConfig, *, model_fn: ModelFn | None = None, on_step: StepHook | None = None
           ) -> dict[str, Any]:
     """Train (or resume with ``config.resume``) and return the summary also written to summary.json.
 
-    ``out_dir`` receives metrics.jsonl, checkpoint.pt (atomic, every ``checkpoint_every`` steps and at the
-    end), loss.png and summary.json. ``model_fn(config, vocab_size)`` replaces the model registry (tests);
-    ``on_step(step, model, loss)`` is called after every optimiser step. A non-finite step raises
-    NonFiniteError (or ends the run with status "diverged" when ``stop_on_nonfinite`` is False).
+    ``out_dir`` receives metrics.jsonl (and TensorBoard events in ``tensorboard/`` when that package is
+    installed), checkpoint.pt (atomic, every ``checkpoint_every`` steps and at the end; the one before it
+    is kept as checkpoint.prev.pt), loss.png and summary.json. ``model_fn(config, vocab_size)`` replaces
+    the model registry (tests); ``on_step(step, model, loss)`` is called after every optimiser step. A
+    non-finite step raises NonFiniteError (or ends the run with status "diverged" when
+    ``stop_on_nonfinite`` is False); SIGINT/SIGTERM save a checkpoint and raise ``rundir.Interrupted``.
     """
+    config.validate()
+    _warn_schedule(config)
     r = _Run(config, model_fn)
+    try:
+        return _train(r, on_step)
+    finally:
+        r.close()
+
+
+def _warn_schedule(config: TrainConfig) -> None:
+    if config.warmup > config.steps:
+        warnings.warn(f"--warmup {config.warmup} is longer than --steps {config.steps}: the learning rate "
+                      f"only reaches {config.steps / config.warmup:.2g} of its peak", stacklevel=3)
+
+
+def _train(r: _Run, on_step: StepHook | None) -> dict[str, Any]:
     cfg = r.config
     main = r.dist.is_main  # only rank 0 writes files and shows progress; every rank computes
-    log = (MetricsLog(r.out / "metrics.jsonl", keep_until_step=r.step if r.state else None) if main
+    resumed = r.state is not None
+    log = (MetricsLog(r.out / "metrics.jsonl", keep_until_step=r.step if resumed else None,
+                      tensorboard_dir=r.out / "tensorboard" if cfg.tensorboard else None) if main
            else _NullLog())
     tokens = cfg.batch_size * cfg.seq_len
     status, error, loss_v, valid_bpc, tps = "finished", None, math.nan, math.nan, math.nan
     desc = f"{cfg.model}/{cfg.scaling}/{cfg.precision}"
+    signals = rundir.StopSignals()
     try:
-        if r.state is None:
+        if not resumed:
             valid_bpc = r.evaluate(r.valid)
             log.write({"event": "eval", "step": 0, "valid_bpc": valid_bpc})
             if main:
                 with open(r.out / "config.json", "w") as f:
                     json.dump(asdict(cfg), f, indent=1)
-        with TrainProgress(cfg.steps, desc, enabled=main and not cfg.quiet, start=r.step) as bar:
+        with signals, TrainProgress(cfg.steps, desc, enabled=main and not cfg.quiet, start=r.step) as bar:
             monitor = ScaleMonitor(r.module, cfg.monitor_every if main else 0, cfg.monitor_patience, log=log,
                                    bar=bar)
             while r.step < cfg.steps:
@@ -417,13 +355,22 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None, on_step: Step
                 bar.update(r.step, tokens_per_s=tps, loss=loss_v)
                 if on_step is not None:
                     on_step(r.step, r.model, loss_v)
-                if cfg.stop_at is not None and r.step >= cfg.stop_at and r.step < cfg.steps:
+                # Every rank learns of a signal any rank received, so all stop after the same step.
+                signalled = not distributed.all_true(signals.signum is None, r.dist)
+                stop_here = cfg.stop_at is not None and r.step >= cfg.stop_at
+                if (signalled or stop_here) and r.step < cfg.steps:
                     if r.ckpt_step != r.step:
                         r.save()
-                    status = "stopped"
+                    status = "interrupted" if signalled else "stopped"
                     break
     finally:
         log.close()
+    return _finish(r, status, error, loss_v, valid_bpc, tps, desc, signals)
+
+
+def _finish(r: _Run, status: str, error: str | None, loss_v: float, valid_bpc: float, tps: float, desc: str,
+            signals: rundir.StopSignals) -> dict[str, Any]:
+    cfg, main = r.config, r.dist.is_main
     finished = status == "finished"
     if finished and math.isnan(valid_bpc):  # a resume of a run that had already finished
         valid_bpc = r.evaluate(r.valid)
@@ -436,36 +383,22 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None, on_step: Step
         "test_bpc": test_bpc,
         "lr": r.lr, "tokens_per_s": tps, "wall_s": r.wall,
         "params": sum(p.numel() for p in r.params), "vocab_size": len(r.corpus.vocab),
-        "data": r.corpus.describe(), "device": str(r.device), "recipe": r.recipe.describe(),
+        "data": r.corpus.describe(), "data_fingerprint": r.data, "device": str(r.device),
+        "recipe": r.recipe.describe(), "backends": backends_run(r.module, r.recipe),
         "error": error, "config": asdict(cfg),
     }
     summary["parallel"] = {"mode": r.dist.parallel, "world_size": r.dist.world_size}
-    if not main:
-        return summary
-    with open(r.out / "summary.json", "w") as f:
-        json.dump({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                   for k, v in summary.items()}, f, indent=1)
-    plot_curves([(desc, read_jsonl(r.out / "metrics.jsonl"))], r.out / "loss.png", title=desc)
-    if not cfg.quiet:
-        print_summary(summary, r.out)
-    if error is not None and cfg.stop_on_nonfinite:
+    if main:
+        with open(r.out / "summary.json", "w") as f:
+            json.dump({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in summary.items()}, f, indent=1)
+        plot_curves([(desc, read_jsonl(r.out / "metrics.jsonl"))], r.out / "loss.png", title=desc)
+    if status == "interrupted":
+        # Under torchrun a rank may stop for a signal another rank received (the stop is collective).
+        by = signals.name or "a signal to another rank"
+        raise rundir.Interrupted(f"stopped by {by} after step {r.step}; checkpoint saved to {r.ckpt_path}; "
+                                 "continue with --resume", signals.signum or signal.SIGTERM)
+    if main and error is not None and cfg.stop_on_nonfinite:
         raise NonFiniteError(error)
     return summary
 
-
-def print_summary(summary: dict[str, Any], out: Path) -> None:
-    """A short rich table of the run's outcome."""
-    from rich.console import Console
-    from rich.table import Table
-
-    def fmt(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
-
-    t = Table(title=f"run {out}", show_header=False)
-    for key in ("status", "step", "final_loss", "valid_bpc", "test_bpc", "lr", "tokens_per_s", "wall_s",
-                "params", "recipe", "data"):
-        t.add_row(key, fmt(summary.get(key)))
-    if summary.get("error"):
-        t.add_row("error", summary["error"])
-    t.add_row("files", f"{out}/metrics.jsonl, checkpoint.pt, loss.png, summary.json")
-    Console().print(t)

@@ -1,19 +1,24 @@
 """The paper's character-LM study (§6.1, Fig. 4) as a resumable grid of training runs.
 
 Grid: model family × scaling × precision × optimiser, each cell with a small learning-rate sweep (the paper
-tuned the LR per configuration). Each run writes its own directory; a run whose ``summary.json`` exists is
-skipped, so a killed sweep continues where it stopped. ``report()`` picks the best LR per cell by final
-validation BPC and writes a markdown table and a figure.
+tuned the LR per configuration). Each run writes its own directory, ``<cell>/lr_<log2 lr>-<key>``, where
+the key hashes every setting that changes the run's result (its whole TrainConfig: model options, steps,
+batch, seed, device, ... and the data file's content, not its path). A finished run with the same key is
+skipped and an interrupted one resumed, so a killed sweep continues where it stopped, and a sweep with
+another seed or data file trains its own runs beside the old ones. ``report()`` reads the runs of the
+last sweep's settings (``sweep.json``), picks the best LR per cell by final validation BPC and writes a
+markdown table and a figure.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
 import platform
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,22 +106,73 @@ def _validate(name: str, values: tuple[str, ...], accepted: tuple[str, ...]) -> 
         raise ValueError(f"unknown {name} {bad}; accepted: {', '.join(accepted)}")
 
 
-def run_dirs(out: Path, preset: Preset, grid: list[Cell]) -> Iterator[tuple[Cell, float, Path]]:
-    """(cell, lr, run directory) for every run of the sweep, in a fixed order."""
-    from unitscale.models import build
+# TrainConfig fields that do not change a run's result (where it writes, what it shows, how often it logs
+# or checks; the monitor leaves the trajectory bit for bit unchanged); ``data`` is keyed by content.
+UNKEYED = frozenset({"out_dir", "resume", "overwrite", "quiet", "tensorboard", "allow_data_change",
+                     "eval_every", "checkpoint_every", "log_every", "monitor_every", "monitor_patience",
+                     "stop_on_nonfinite", "parallel", "stop_at", "data"})
 
-    for cell in grid:
-        probe = build(
-            cell.family,
-            vocab_size=2,
-            scaling=cell.scaling,
-            seq_len=preset.seq_len,
-            **{**preset.model, **preset.families.get(cell.family, {})},
-        )
+
+def run_key(config: Any, data_id: dict[str, Any]) -> str:
+    """10 hex digits of SHA-256 over every result-changing setting of ``config`` and the data's content."""
+    keyed = {k: v for k, v in asdict(config).items() if k not in UNKEYED}
+    keyed["data"] = {"size": data_id["size"], "sha256": data_id["sha256"]}
+    text = json.dumps(keyed, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a sweep's runs depend on besides the grid cell and LR (saved as ``sweep.json``)."""
+
+    preset: Preset
+    seed: int
+    data: str  # "wiki" or an absolute path
+    data_id: dict[str, Any]  # its fingerprint: size and SHA-256 of the content
+    device: str
+    grid: dict[str, tuple[str, ...]]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        d = json.loads(text)
+        p = d["preset"]
+        preset = Preset(**{**p, "lr_factors": tuple(p["lr_factors"])})
+        grid = {k: tuple(v) for k, v in d["grid"].items()}
+        return cls(preset, d["seed"], d["data"], d["data_id"], d["device"], grid)
+
+
+def run_configs(out: Path, settings: Settings) -> Iterator[tuple[Cell, Any]]:
+    """(cell, TrainConfig) for every run of the sweep, in a fixed order; ``out_dir`` carries the run key."""
+    from unitscale.models import build
+    from unitscale.train.loop import TrainConfig
+
+    p = settings.preset
+    for cell in cells(**settings.grid):
+        model = {**p.model, **p.families.get(cell.family, {})}
+        probe = build(cell.family, vocab_size=2, scaling=cell.scaling, seq_len=p.seq_len, **model)
         base = probe.default_lr(cell.optimizer)
-        for factor in preset.lr_factors:
+        for factor in p.lr_factors:
             lr = base * factor
-            yield cell, lr, out / cell.key / f"lr_{math.log2(lr):+.1f}"
+            cfg = TrainConfig(
+                model=cell.family, scaling=cell.scaling, precision=cell.precision, optimizer=cell.optimizer,
+                lr=lr, steps=p.steps, warmup=p.warmup, batch_size=p.batch_size, seq_len=p.seq_len,
+                eval_every=p.steps, eval_windows=p.eval_windows, checkpoint_every=p.steps, seed=settings.seed,
+                data=settings.data, device=settings.device, quiet=True, model_overrides=model,
+                stop_on_nonfinite=False,
+            )
+            run_dir = out / cell.key / f"lr_{math.log2(lr):+.1f}-{run_key(cfg, settings.data_id)}"
+            yield cell, replace(cfg, out_dir=str(run_dir))
+
+
+def _done(run_dir: Path) -> bool:
+    """A run that reached its end (finished or diverged), as opposed to interrupted or never started."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text())["status"] in ("finished", "diverged")
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def run(
@@ -135,7 +191,9 @@ def run(
     """Run (or continue) the sweep; returns the path of the markdown report."""
     from rich.console import Console
 
-    from unitscale.train.loop import TrainConfig, train
+    from unitscale.train import loop
+    from unitscale.train.data import fingerprint, resolve_source
+    from unitscale.train.rundir import RunLock
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; accepted: {', '.join(PRESETS)}")
@@ -143,47 +201,33 @@ def run(
     _validate("scalings", scalings, SCALINGS)
     _validate("precisions", precisions, PRECISIONS)
     _validate("optimizers", optimizers, OPTIMIZERS)
-    p = PRESETS[preset]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"preset": asdict(p), "seed": seed, "data": data}, indent=1))
+    grid = {"families": families, "scalings": scalings, "precisions": precisions, "optimizers": optimizers}
+    settings = Settings(PRESETS[preset], seed, resolve_source(data), fingerprint(data), device, grid)
     console = Console(quiet=quiet)
-    runs = list(run_dirs(out, p, cells(families, scalings, precisions, optimizers)))
-    for i, (cell, lr, run_dir) in enumerate(runs, 1):
-        if (run_dir / "summary.json").exists():
-            continue
-        console.print(f"[{i}/{len(runs)}] {cell.key} lr=2^{math.log2(lr):+.1f}")
-        cfg = TrainConfig(
-            model=cell.family,
-            scaling=cell.scaling,
-            precision=cell.precision,
-            optimizer=cell.optimizer,
-            lr=lr,
-            steps=p.steps,
-            warmup=p.warmup,
-            batch_size=p.batch_size,
-            seq_len=p.seq_len,
-            eval_every=p.steps,
-            eval_windows=p.eval_windows,
-            checkpoint_every=p.steps,
-            seed=seed,
-            data=data,
-            device=device,
-            out_dir=str(run_dir),
-            quiet=True,
-            model_overrides={**p.model, **p.families.get(cell.family, {})},
-            stop_on_nonfinite=False,
-        )
-        train(cfg)
+    with RunLock(out):
+        (out / "sweep.json").write_text(settings.to_json())
+        runs = list(run_configs(out, settings))
+        for i, (cell, cfg) in enumerate(runs, 1):
+            run_dir = Path(cfg.out_dir)
+            if _done(run_dir):
+                continue
+            resume = any((run_dir / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt"))
+            console.print(f"[{i}/{len(runs)}] {cell.key} lr=2^{math.log2(cfg.lr):+.1f}"
+                          + (" (resumed)" if resume else ""))
+            # Nothing to lose without a checkpoint: leftovers of a run killed early are replaced.
+            loop.train(replace(cfg, resume=resume, overwrite=not resume))
     return report(out)
 
 
-def _load(out: Path) -> list[dict[str, Any]]:
+def _load(out: Path, settings: Settings) -> list[dict[str, Any]]:
+    """The summaries of the runs of ``settings`` that reached their end (others are not reported)."""
     rows = []
-    for summary in sorted(out.glob("*/lr_*/summary.json")):
-        s = json.loads(summary.read_text())
-        fam, sc, pr, opt = summary.parent.parent.name.split("__")
-        rows.append({"family": fam, "scaling": sc, "precision": pr, "optimizer": opt, **s})
+    for cell, cfg in run_configs(out, settings):
+        if _done(Path(cfg.out_dir)):
+            s = json.loads((Path(cfg.out_dir) / "summary.json").read_text())
+            rows.append({"family": cell.family, "scaling": cell.scaling, "precision": cell.precision,
+                         "optimizer": cell.optimizer, **s})
     return rows
 
 
@@ -216,14 +260,23 @@ def _fmt(v: Any) -> str:
 def report(out: str | Path) -> Path:
     """Write ``report.md`` (best-LR table) and ``sweep.png`` (figure) into ``out``; return the report path."""
     out = Path(out)
-    rows = _load(out)
+    if not (out / "sweep.json").is_file():
+        raise FileNotFoundError(f"{out / 'sweep.json'} does not exist: run the sweep first (without "
+                                "--report-only)")
+    try:
+        settings = Settings.from_json((out / "sweep.json").read_text())
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{out / 'sweep.json'} was written by an older unitscale (no run keys: {err}); "
+                         "rerun the sweep to key its runs") from None
+    rows = _load(out, settings)
     if not rows:
-        raise ValueError(f"no finished runs under {out}")
+        raise ValueError(f"no finished runs under {out} for its last settings ({out / 'sweep.json'})")
     best = best_per_cell(rows)
-    meta = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else {}
-    preset = meta.get("preset", {})
+    preset = settings.preset
     lines = [
-        f"Preset `{preset.get('name', '?')}`: {preset.get('description', '')}.",
+        f"Preset `{preset.name}`: {preset.description}.",
+        f"Seed {settings.seed}; data {settings.data} ({settings.data_id['size']} bytes, sha256 "
+        f"{settings.data_id['sha256'][:12]}…); device {settings.device}.",
         f"Host: {platform.machine()}, {platform.processor() or platform.system()}; {len(rows)} runs.",
         "",
         "| family | optimiser | scaling | precision | best LR | valid BPC | test BPC |",
