@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from unitscale.analysis import ScaleReport, track_scales
-from unitscale.analysis.stats import fractions_from_counts, hist_quantile, log2_histogram
-from unitscale.formats import get_format, range_counts, range_fractions
+from unitscale.analysis.stats import hist_quantile, log2_histogram
+from unitscale.formats import get_format, range_fractions
 
 FORMATS_WITH_DTYPE = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "fp16": torch.float16,
                       "bf16": torch.bfloat16}
@@ -81,16 +81,6 @@ def test_fractions_match_torch_casts(fmt, seed):
     assert {k: getattr(r, k) for k in ("underflow", "subnormal", "overflow")} == {
         k: v for k, v in range_fractions(x, fmt).items() if k in ("underflow", "subnormal", "overflow")
     }
-
-
-@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "fp8_e4a", "fp16"])
-def test_fractions_from_counts_equals_range_fractions(fmt):
-    x = torch.randn(4096, generator=torch.Generator().manual_seed(3)) * 2.0**-7
-    x[::97] = 0.0
-    x[5] = 1e6
-    ref = range_fractions(x, fmt)
-    mine = fractions_from_counts(range_counts(x, fmt).tolist())
-    assert mine == {k: ref[k] for k in mine}
 
 
 @pytest.mark.parametrize("scale_log2", [-20, -3, 0, 5, 40])
@@ -318,7 +308,7 @@ def test_json_table_plot(tmp_path):
     console = Console(width=200, record=True)
     console.print(rep.table())
     text = console.export_text()
-    assert "0.fc / grad_input" in text and "flushed" in text
+    assert "0.fc / grad_input" in text and "underflow" in text
     fig = rep.plot(tmp_path / "s.png", fmt="fp16")
     assert (tmp_path / "s.png").stat().st_size > 10_000
     assert len(fig.axes) == 2

@@ -12,13 +12,6 @@ from unitscale.cli import build_parser, main
 from unitscale.commands import train as train_cmd
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    p = tmp_path / "corpus.txt"
-    p.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    return p
-
-
 @pytest.mark.parametrize(("flag", "value", "listed"), [
     ("--precision", "fp7", "accepted: fp32, bf16"),
     ("--optimizer", "lamb", "accepted: adamw, adam, sgd"),

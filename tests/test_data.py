@@ -24,6 +24,7 @@ def test_article_split_matches_independent_sha256_rule(title):
     assert D.article_split(title) == expected
 
 
+@pytest.mark.slow  # spawns fresh Python processes
 def test_article_split_is_stable_across_processes():
     titles = [f"title {i}" for i in range(50)]
     code = ("import json,sys; from unitscale.train.data import article_split; "

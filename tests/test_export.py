@@ -471,6 +471,7 @@ torch.save({{"logits": logits, "loss": loss, "other": other, "program": program_
 """
 
 
+@pytest.mark.slow  # spawns a fresh Python process
 def test_fresh_process_without_unitscale(tmp_path):
     model = _model("gpt").eval()
     idx, targets = _batch(5)

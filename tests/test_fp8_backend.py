@@ -364,6 +364,7 @@ def test_compile_fullgraph_aot_eager(weight_scale):
     _compiled_step("aot_eager", weight_scale)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_inductor():  # ~5-10 s on 2 cores
     _compiled_step("inductor")
 

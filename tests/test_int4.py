@@ -316,6 +316,7 @@ def test_backend_factory_and_errors():
         layer.linear(torch.zeros(2, 64), torch.zeros(4, 64), torch.zeros(5))
 
 
+@pytest.mark.slow  # three training runs
 def test_mlp_on_digits_trains_close_to_fp32_and_better_than_naive():
     """3-layer MLP (64→128→128→10) on sklearn digits, every linear through the backend, Adam, 12 epochs."""
     from sklearn.datasets import load_digits

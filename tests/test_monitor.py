@@ -43,11 +43,11 @@ def reference(t: torch.Tensor, dtype: torch.dtype) -> dict[str, float]:
     nz = finite & (t != 0)
     n = int(nz.sum())
     in_range = nz & (a <= fi.max)  # casts of out-of-range values differ by dtype; they are not flushed anyway
-    flushed = (t.masked_fill(~in_range, 1.0).to(dtype).float() == 0) & in_range
+    underflow = (t.masked_fill(~in_range, 1.0).to(dtype).float() == 0) & in_range
     return {
-        "saturated": int((nz & (a > fi.max)).sum()) / n,
+        "overflow": int((nz & (a > fi.max)).sum()) / n,
         "subnormal": int((nz & (a < fi.tiny)).sum()) / n,
-        "flushed": int(flushed.sum()) / n,
+        "underflow": int(underflow.sum()) / n,
         "nonfinite": int((~finite).sum()) / t.numel(),
         "rms": math.sqrt(float(t.double().square().mean())) if bool(finite.all()) else math.nan,
         "nonzero": n,
@@ -91,8 +91,8 @@ def test_statistics_match_torch_casts(fmt):
     for name, t in (("activation", x.detach()), ("weight", layer.weight.detach()), ("grad", g)):
         ref, s = reference(t, TORCH_DTYPES[fmt]), got[name]
         assert s.format == fmt and s.module == ""
-        assert 0 < ref["saturated"] and 0 < ref["flushed"] < ref["subnormal"]  # the test can fail
-        for key in ("saturated", "subnormal", "flushed", "nonfinite", "nonzero"):
+        assert 0 < ref["overflow"] and 0 < ref["underflow"] < ref["subnormal"]  # the test can fail
+        for key in ("overflow", "subnormal", "underflow", "nonfinite", "nonzero"):
             assert getattr(s, key) == ref[key], (name, key)
         if name == "activation":
             assert math.isnan(s.rms) and s.nonfinite == 3 / x.numel()
@@ -101,14 +101,14 @@ def test_statistics_match_torch_casts(fmt):
 
 
 def test_known_fractions_exact():
-    """1000 values of fp8_e4b: 100 zeros, 50 flushed (2⁻¹¹), 150 kept subnormal (2⁻⁸), 680 normal (1),
-    20 saturated (1000): fractions of the 900 non-zero values, rms from the construction."""
+    """1000 values of fp8_e4b: 100 zeros, 50 underflowing (2⁻¹¹), 150 kept subnormal (2⁻⁸), 680 normal (1),
+    20 overflowing (1000): fractions of the 900 non-zero values, rms from the construction."""
     values = [0.0] * 100 + [2.0**-11] * 50 + [2.0**-8] * 150 + [1.0] * 680 + [1000.0] * 20
     random.Random(0).shuffle(values)
     x = torch.tensor(values).reshape(40, 25)
     layer = one_linear("fp8_e4b", "fp8_e5b", k=25, n=16)
     s = checked(ScaleMonitor(layer, every=1), 1, lambda: layer(x))["activation"]
-    assert (s.saturated, s.subnormal, s.flushed, s.nonfinite, s.nonzero) == (20 / 900, 200 / 900, 50 / 900,
+    assert (s.overflow, s.subnormal, s.underflow, s.nonfinite, s.nonzero) == (20 / 900, 200 / 900, 50 / 900,
                                                                              0.0, 900)
     rms = math.sqrt((50 * 2.0**-22 + 150 * 2.0**-16 + 680 + 20 * 1e6) / 1000)
     assert s.rms == pytest.approx(rms, rel=1e-6)
@@ -139,8 +139,8 @@ def test_unmonitored_steps_do_nothing(monkeypatch):
     model = apply(us.models.build("gpt", 32, seq_len=16, d_model=32, n_layers=2), Recipe.fp8())
     before = {n: m.precision for n, m in model.named_modules() if hasattr(m, "precision")}
     calls = []
-    real = mon.range_counts
-    monkeypatch.setattr(mon, "range_counts", lambda *a: calls.append(1) or real(*a))
+    real = mon.tensor_stats
+    monkeypatch.setattr(mon, "tensor_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     monitor = ScaleMonitor(model, every=3)
     idx = torch.randint(0, 32, (2, 17))
     seen = []
@@ -181,7 +181,7 @@ def test_fp8_backend_observed_on_cpu():
                            ("weight", layer.weight.detach(), torch.float8_e4m3fn),
                            ("grad", g / 0.5, torch.float8_e5m2)):
         ref = reference(t, dtype)
-        for key in ("saturated", "subnormal", "flushed", "nonzero"):
+        for key in ("overflow", "subnormal", "underflow", "nonzero"):
             assert getattr(got[name], key) == ref[key], (name, key)
         assert got[name].rms == pytest.approx(ref["rms"], rel=1e-5)
     # The default dispatch runs this small linear in the compute dtype: nothing is cast, nothing recorded.
@@ -189,8 +189,8 @@ def test_fp8_backend_observed_on_cpu():
     assert checked(ScaleMonitor(layer, every=1), 1, lambda: layer(x).backward(g)) == {}
 
 
-def stats(rms=1.0, saturated=0.0, flushed=0.0, nonfinite=0.0, nonzero=100, fmt="fp8_e4b", tensor="grad"):
-    return TensorStats("blocks.1.ffn", tensor, "grad", fmt, rms, saturated, flushed, flushed, nonfinite,
+def stats(rms=1.0, overflow=0.0, underflow=0.0, nonfinite=0.0, nonzero=100, fmt="fp8_e4b", tensor="grad"):
+    return TensorStats("blocks.1.ffn", tensor, "grad", fmt, rms, overflow, underflow, underflow, nonfinite,
                        nonzero)
 
 
@@ -206,10 +206,10 @@ def test_comfort_band_values():
     ({"rms": 448 / 8}, False, ""),
     ({"rms": 2.0**-3.01}, True, "below the comfortable band"),
     ({"rms": 448 / 8 * 1.01}, True, "above the comfortable band"),
-    ({"saturated": 1e-4}, False, ""),
-    ({"saturated": 1.01e-4}, True, "saturated at ±448"),
-    ({"flushed": 0.01}, False, ""),
-    ({"flushed": 0.0101}, True, "flushed to zero"),
+    ({"overflow": 1e-4}, False, ""),
+    ({"overflow": 1.01e-4}, True, "overflow beyond ±448"),
+    ({"underflow": 0.01}, False, ""),
+    ({"underflow": 0.0101}, True, "underflow to zero"),
     ({"nonfinite": 1e-6}, True, "non-finite"),
     ({"rms": 0.0, "nonzero": 0}, False, ""),            # an all-zero tensor is exact in every format
     ({"rms": 2.0**-10, "fmt": "fp8_e5b"}, False, ""),    # E5M2's band reaches 2^-11
@@ -234,12 +234,12 @@ def test_gaussian_tensors(fmt, sigma, comfortable):
 def test_patience_warns_once_per_streak_naming_module_and_tensor():
     log = ListLog()
     monitor = ScaleMonitor(nn.Linear(2, 2), every=1, patience=3, log=log)
-    pattern = "BBGBBBBGBBB"  # B: saturating; warnings at the 3rd B of a run only
+    pattern = "BBGBBBBGBBB"  # B: overflowing; warnings at the 3rd B of a run only
     warned_at = []
     for step, c in enumerate(pattern, start=1):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            monitor.update(step, [stats(saturated=0.5 if c == "B" else 0.0), stats(tensor="weight")])
+            monitor.update(step, [stats(overflow=0.5 if c == "B" else 0.0), stats(tensor="weight")])
         ours = [w for w in caught if issubclass(w.category, ScaleWarning)]
         if ours:
             assert len(ours) == 1
@@ -251,7 +251,23 @@ def test_patience_warns_once_per_streak_naming_module_and_tensor():
     assert [(r["step"], r["module"], r["tensor"]) for r in events] == [(6, "blocks.1.ffn", "grad"),
                                                                        (11, "blocks.1.ffn", "grad")]
     assert sum(r["event"] == "scales" for r in log.records) == len(pattern)
-    assert monitor.worst_text().startswith("blocks.1.ffn:grad: 5.00e-01 saturated")
+    assert monitor.worst_text().startswith("blocks.1.ffn:grad: 5.00e-01 overflow")
+
+
+def test_runs_logged_with_the_old_key_names_still_plot(tmp_path, capsys):
+    """Runs logged before the rename wrote "saturated" / "flushed" for what is now overflow / underflow."""
+    row = {"module": "blocks.0.ffn", "tensor": "grad", "role": "grad", "format": "fp8_e5b", "rms": 1.0,
+           "saturated": 0.25, "subnormal": 0.5, "flushed": 0.125, "nonfinite": 0.0, "nonzero": 8}
+    log = [{"event": "scales", "step": step, "tensors": [row]} for step in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    s = TensorStats.from_dict(row)
+    assert (s.overflow, s.subnormal, s.underflow) == (0.25, 0.5, 0.125)
+    history, formats = mon.scale_history(log)
+    assert history["grad"]["blocks.0"].fractions == {"overflow": [0.25, 0.25], "subnormal": [0.5, 0.5],
+                                                     "underflow": [0.125, 0.125]}
+    assert formats == {"grad": ["fp8_e5b"]}
+    assert cli_main(["plot-scales", str(tmp_path)]) == 0
+    assert "blocks.0.ffn:grad: 2.50e-01 overflow beyond ±57344" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("every", "patience"), [(-1, 3), (1.5, 3), (10, 0), (10, True)])
@@ -279,16 +295,6 @@ class TinyLM(nn.Module):
         logits = self.head(torch.relu(self.hidden(self.tok(idx))) * self.gain)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    rng = random.Random(0)
-    words = ["unit", "scaling", "fp8", "keeps", "tensors", "near", "one"]
-    text = " ".join(rng.choice(words) for _ in range(3000))
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(text)
-    return path
 
 
 def run_cfg(tmp_path, text_file, name, **kw) -> TrainConfig:
@@ -353,7 +359,7 @@ def test_progress_bar_shows_worst_offender():
 
     with TrainProgress(10, "gpt/unit/fp8", enabled=False) as bar:
         monitor = ScaleMonitor(nn.Linear(2, 2), every=1, bar=bar)
-        monitor.update(1, [stats(flushed=0.2, tensor="activation"), stats(tensor="weight")])
+        monitor.update(1, [stats(underflow=0.2, tensor="activation"), stats(tensor="weight")])
         shown = " ".join(str(t.description) + " " + " ".join(map(str, t.fields.values()))
                          for t in bar._progress.tasks)
-    assert "blocks.1.ffn:activation: 20.00% flushed to zero" in shown
+    assert "blocks.1.ffn:activation: 20.00% underflow to zero" in shown

@@ -19,11 +19,56 @@ def _torch_cast(t: torch.Tensor, dtype: torch.dtype, max_value: float) -> torch.
     return t.clamp(-max_value, max_value).to(dtype).to(t.dtype)
 
 
+# What each named recipe must be, written out independently of recipe.py: (weight, activation, grad) format
+# with their torch dtypes where one exists, compute dtype, loss scale, backend, and module paths that an
+# override sends elsewhere -> (compute dtype, quantised?) of the recipe they get.
+E4B, E5B, E4A, E5A = torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz
+F32, B16, F16 = torch.float32, torch.bfloat16, torch.float16
+NAMED = {
+    "fp32": ((None, None, None), F32, None, "simulate", {}),
+    "bf16": ((None, None, None), B16, None, "simulate", {}),
+    "fp16": ((None, None, None), F16, None, "simulate", {}),
+    "fp16-loss-scaled": ((None, None, None), F16, 2048.0, "simulate", {}),
+    "fp16-sim": ((F16, F16, F16), F32, None, "simulate", {}),
+    "fp16-sim-loss-scaled": ((F16, F16, F16), F32, 2048.0, "simulate", {}),
+    "fp8": ((E4B, E4B, E5B), F32, None, "simulate", {}),
+    "fp8-e4a": ((E4A, E4A, E5A), F32, None, "simulate", {}),
+    "fp8-loss-scaled": ((E4B, E4B, E5B), F32, 2048.0, "simulate", {}),
+    "fp8-hw": ((E4B, E4B, E5B), F32, None, "fp8", {}),
+    "fp8-critical-bf16": ((E4B, E4B, E5B), F32, None, "simulate",
+                          {"lm_head": (B16, False), "blocks.1.body.down": (B16, False),
+                           "blocks.0.body.out": (B16, False),
+                           "encoder.0.attention.output.dense": (B16, False)}),
+    "int4": (("int4", "int4", None), F32, None, "int4",
+             {"lm_head": (F32, False), "classifier": (F32, False)}),
+    "int4-naive": (("int4", "int4", None), F32, None, "int4", {"head": (F32, False)}),
+}
+
+
+def test_named_recipe_table_is_complete() -> None:
+    assert set(precision.RECIPE_NAMES) == set(NAMED)
+
+
 @pytest.mark.parametrize("name", precision.RECIPE_NAMES)
 def test_named_recipes_resolve(name: str) -> None:
+    from unitscale.formats import get_format
+
     r = get_recipe(name)
-    assert r.name == name
-    assert get_recipe(r) is r
+    formats, compute, loss_scale, backend, overridden = NAMED[name]
+    got = tuple(None if f is None else get_format(f).torch_dtype or f for f in
+                (r.weight_format, r.activation_format, r.grad_format))
+    assert got == formats
+    assert (r.compute_dtype, r.loss_scale, r.backend) == (compute, loss_scale, backend)
+    for path, (dtype, quantised) in overridden.items():
+        sub, why = r.for_module(path)
+        assert why.startswith("override") and (sub.compute_dtype, sub.quantises) == (dtype, quantised), path
+    # Everything else (the bulk of a model's matmuls) takes the recipe itself.
+    for path in ("blocks.0.body.qkv", "blocks.1.body.up", "encoder.0.attention.query"):
+        assert r.for_module(path) == (r, "default"), path
+    if backend == "int4":  # the naive ablation drops both of the paper's INT4 estimators
+        assert (r.int4_config.hadamard, r.int4_config.bit_split) == ((False, False) if "naive" in name else
+                                                                      (True, True))
+    assert r.name == name and get_recipe(r) is r
 
 
 def test_unknown_recipe_lists_names() -> None:

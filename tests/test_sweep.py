@@ -37,6 +37,7 @@ def tiny(monkeypatch, tmp_path):
     return text
 
 
+@pytest.mark.slow  # a whole resumable grid through the CLI
 def test_sweep_runs_resumes_and_reports(tmp_path, tiny, monkeypatch) -> None:
     out = tmp_path / "sweep"
     kw = {"families": ("gpt",), "precisions": ("fp32", "fp16-loss-scaled", "fp8"), "optimizers": ("adam",),

@@ -40,6 +40,7 @@ def _direction_ratios(model, idx, param_name: str, n_dirs: int = 4, eps: float =
     return torch.tensor(ratios, dtype=torch.float64)
 
 
+@pytest.mark.slow  # float64 finite differences through six whole models
 @pytest.mark.parametrize(
     "name, overrides",
     [

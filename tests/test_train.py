@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 
 import pytest
@@ -39,16 +38,6 @@ class TinyLM(nn.Module):
 
 def tiny(config: TrainConfig, vocab_size: int) -> nn.Module:
     return TinyLM(vocab_size)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    rng = random.Random(0)
-    words = ["unit", "scaling", "keeps", "tensors", "near", "one", "so", "fp8", "works", "the", "a"]
-    text = " ".join(rng.choice(words) for _ in range(6000))
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(text)
-    return path
 
 
 def cfg(tmp_path, text_file, name="run", **kw) -> TrainConfig:

@@ -419,6 +419,7 @@ def minilm():
     return bert, encoder, tokenizer
 
 
+@pytest.mark.slow  # loads and traces the pretrained MiniLM
 def test_pretrained_minilm_classifier_logits_match_before_training(minilm):
     bert, encoder, tokenizer = minilm
     torch.manual_seed(0)

@@ -6,25 +6,9 @@ the cast unchanged (the training trajectory is bit-identical with the monitor on
 the taps are removed and the statistics reach the host in one copy. On every other step nothing is
 installed: no hooks, no extra kernels, no host syncs.
 
-Per tensor t about to be cast to format F (``formats.range_counts``, the one place of the range rule):
-
-    rms        √(mean t²) over all elements (zeros included)
-    saturated  fraction of finite non-zero |t| > max_F   (clamped to ±max by the saturating cast)
-    subnormal  fraction of finite non-zero |t| < min_normal_F   (includes ``flushed``)
-    flushed    fraction of finite non-zero |t| ≤ min_subnormal_F / 2   (round to zero)
-    nonfinite  fraction of all elements that are ±inf or NaN
-
-**Comfortable range** (:class:`ComfortRule`, defaults): a tensor is comfortable in F iff it has no non-finite
-value, saturated ≤ 1e-4, flushed ≤ 1 %, and — when it has any non-zero value —
-
-    log2 rms ∈ [log2 min_normal_F + 3, log2 max_F − 3]     (E4M3: [−3, 5.8]; E5M2: [−11, 12.8])
-
-i.e. RMS at least three binades (×8) inside the normal range at both ends. Why three: above, a tensor with
-Laplace tails (heavier than Gaussian, typical of gradients) and RMS σ = max/8 puts P(|x| > 8σ) = e^(−8√2)
-≈ 1.2e-5 beyond max, under the saturation limit; below, a Gaussian with σ = 8·min_normal flushes
-P(|x| < min_subnormal/2) ≈ 0.6 % in E4M3 (under the flush limit), while its SNR is still on the plateau
-(REFERENCE §3.2: within 10× of peak down to σ = 2⁻⁷), so the warning comes binades before precision is
-lost — drift shows before a NaN. Unit-scaled tensors (σ ≈ 1) sit in the middle of both FP8 bands.
+Per tensor t about to be cast to format F the monitor records a :class:`TensorStats` (rms and the
+overflow / subnormal / underflow / non-finite fractions) and judges it with a :class:`ComfortRule`; both
+live in ``unitscale.analysis.health``, built on the statistics the offline analysis records too.
 
 A warning (:class:`ScaleWarning`, also a ``"scale_warning"`` metrics record) names the module path and
 tensor when it is uncomfortable at ``patience`` consecutive checks (once per streak).
@@ -43,17 +27,27 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
-import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from unitscale.formats import Format, fractions_from_counts, get_format, range_counts
+from unitscale.analysis.health import (
+    Assessed,
+    ComfortRule,
+    TensorStats,
+    stats_from_counts,
+    worst,
+    worst_of,
+    worst_text,
+)
+from unitscale.analysis.history import GroupSeries, layer_group, scale_history
+from unitscale.analysis.plot import plot_history
+from unitscale.analysis.stats import tensor_stats, to_host
+from unitscale.formats import Format, get_format
 from unitscale.precision.backend import Exact
 
 __all__ = ["ComfortRule", "GroupSeries", "ScaleMonitor", "ScaleWarning", "TensorStats", "layer_group",
@@ -62,116 +56,6 @@ __all__ = ["ComfortRule", "GroupSeries", "ScaleMonitor", "ScaleWarning", "Tensor
 
 class ScaleWarning(UserWarning):
     """A quantised tensor stayed outside its format's comfortable range for ``patience`` checks."""
-
-
-@dataclass(frozen=True)
-class TensorStats:
-    """Range statistics of one tensor at one check (fractions as in the module docstring)."""
-
-    module: str
-    tensor: str
-    role: str  # "weight" | "activation" | "grad"
-    format: str
-    rms: float
-    saturated: float
-    subnormal: float
-    flushed: float
-    nonfinite: float
-    nonzero: int  # finite non-zero values (the denominator of the fractions)
-
-    @property
-    def name(self) -> str:
-        return f"{self.module or '<model>'}:{self.tensor}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def stats_from_counts(module: str, tensor: str, role: str, fmt: str | Format, counts: Sequence[float],
-                      sum_sq: float, numel: int) -> TensorStats:
-    """TensorStats from a :func:`formats.range_counts` vector, Σt² and the element count (pure).
-
-    rms = √(Σt² / numel); NaN when Σt² is not finite (then ``nonfinite`` or an fp32 overflow says why).
-    """
-    counts = [int(c) for c in counts]
-    if len(counts) != 6:
-        raise ValueError(f"counts must be the 6 range_counts buckets, got {len(counts)} values")
-    frac = fractions_from_counts(counts)
-    rms = math.sqrt(sum_sq / numel) if numel and math.isfinite(sum_sq) else (0.0 if not numel else math.nan)
-    return TensorStats(module, tensor, role, get_format(fmt).name, rms, frac["overflow"], frac["subnormal"],
-                       frac["underflow"], counts[5] / numel if numel else 0.0, sum(counts[1:5]))
-
-
-@dataclass(frozen=True)
-class ComfortRule:
-    """When a tensor is comfortable in its format (see the module docstring for the justification).
-
-    margin_log2: binades the RMS must keep inside [min_normal, max] at each end; max_saturated /
-    max_flushed: the largest acceptable fractions (of finite non-zero values).
-    """
-
-    margin_log2: float = 3.0
-    max_saturated: float = 1e-4
-    max_flushed: float = 0.01
-
-    def __post_init__(self) -> None:
-        for name in ("margin_log2", "max_saturated", "max_flushed"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"ComfortRule.{name} must be a finite number >= 0, got {v!r}")
-
-    def band(self, fmt: str | Format) -> tuple[float, float]:
-        """[lo, hi] in log2 RMS: [log2 min_normal + margin, log2 max − margin]."""
-        f = get_format(fmt)
-        return math.log2(f.min_normal) + self.margin_log2, math.log2(f.max) - self.margin_log2
-
-    def assess(self, s: TensorStats) -> tuple[float, str]:
-        """(score, reason): score = the largest of each criterion's value over its limit (RMS: 2^binades
-        outside the band), so score > 1 exactly when the tensor is uncomfortable; reason "" when it is not."""
-        if s.nonfinite > 0 or math.isnan(s.rms):
-            return math.inf, f"{s.nonfinite:.2%} non-finite values"
-        lo, hi = self.band(s.format)
-        fmt = get_format(s.format)
-        terms: list[tuple[float, str]] = [
-            (_ratio(s.saturated, self.max_saturated),
-             f"{s.saturated:.2e} saturated at ±{fmt.max:g} (limit {self.max_saturated:g})"),
-            (_ratio(s.flushed, self.max_flushed),
-             f"{s.flushed:.2%} flushed to zero (limit {self.max_flushed:.2%})"),
-        ]
-        if s.nonzero > 0:
-            log2_rms = math.log2(s.rms) if s.rms > 0 else -math.inf
-            side = "below" if log2_rms < lo else "above"
-            terms.append((2.0 ** max(lo - log2_rms, log2_rms - hi),
-                          f"RMS 2^{log2_rms:.2f} {side} the comfortable band [2^{lo:.2f}, 2^{hi:.2f}]"))
-        score, reason = max(terms, key=lambda t: t[0])
-        return score, (f"{reason} of {s.format}" if score > 1 else "")
-
-
-def _ratio(value: float, limit: float) -> float:
-    if limit == 0:
-        return math.inf if value > 0 else 0.0
-    return value / limit
-
-
-Assessed = tuple[TensorStats, float, str]  # (stats, score, reason)
-
-
-def worst(stats: Sequence[TensorStats], rule: ComfortRule | None = None) -> Assessed | None:
-    """The tensor with the highest comfort score (None for no tensors)."""
-    rule = rule or ComfortRule()
-    return _worst([(s, *rule.assess(s)) for s in stats])
-
-
-def _worst(assessed: Sequence[Assessed]) -> Assessed | None:
-    return max(assessed, key=lambda a: a[1]) if assessed else None
-
-
-def worst_text(assessed: Assessed | None) -> str:
-    """One line for the progress bar: the worst offender and why, or "ok" and the tensor nearest the edge."""
-    if assessed is None:
-        return "-"
-    s, score, reason = assessed
-    return f"{s.name}: {reason}" if score > 1 else f"ok (nearest the edge: {s.name})"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -289,8 +173,7 @@ class _Pending:
     tensor: str
     role: str
     fmt: Format
-    numel: int
-    packed: Tensor  # float64 [7] on the tensor's device: the 6 range counts, then Σt²
+    stats: dict[str, Tensor]  # tensor_stats (detail=False) on the tensor's device
 
 
 @dataclass
@@ -361,14 +244,9 @@ class ScaleMonitor:
         return swapped
 
     def _record(self, module: str, tensor: str, role: str, fmt: Format | torch.dtype, value: Tensor) -> None:
-        """Device-side statistics of ``value`` (no host sync): range counts and Σt², packed as float64."""
+        """Device-side statistics of ``value`` (no host sync)."""
         f = get_format(_FP8_DTYPE_FORMATS[fmt]) if isinstance(fmt, torch.dtype) else fmt
-        v = value.detach()
-        with torch.no_grad():
-            counts = range_counts(v, f)
-            sum_sq = torch.linalg.vector_norm(v, dtype=torch.float32).double().square()
-            packed = torch.cat([counts.double(), sum_sq.reshape(1)])
-        self._pending.append(_Pending(module, tensor, role, f, v.numel(), packed))
+        self._pending.append(_Pending(module, tensor, role, f, tensor_stats(value, f, detail=False)))
 
     # host side ----------------------------------------------------------------------------------------------
     def collect(self, step: int) -> list[TensorStats]:
@@ -377,9 +255,9 @@ class ScaleMonitor:
         if not pending:
             self.last = []
             return []
-        host = torch.stack([p.packed.to(pending[0].packed.device) for p in pending]).cpu().tolist()
-        stats = [stats_from_counts(p.module, p.tensor, p.role, p.fmt, row[:6], row[6], p.numel)
-                 for p, row in zip(pending, host)]
+        host = to_host([p.stats for p in pending])
+        stats = [stats_from_counts(p.module, p.tensor, p.role, p.fmt, host["range"][i], host["rms"][i])
+                 for i, p in enumerate(pending)]
         self.update(step, stats)
         return stats
 
@@ -397,7 +275,7 @@ class ScaleMonitor:
             if streak.checks >= self.patience and not streak.warned:
                 streak.warned = True
                 raised.append((s, reason))
-        self.worst = _worst(assessed)
+        self.worst = worst_of(assessed)
         if self.log is not None:
             record: dict[str, Any] = {"event": "scales", "step": step,
                                       "tensors": [s.to_dict() for s in stats]}
@@ -423,126 +301,3 @@ class ScaleMonitor:
     def _show(self, step: int) -> None:
         if self.bar is not None:
             self.bar.update(step, scales=self.worst_text())
-
-
-
-# --------------------------------------------------------------------------------------------------------
-# History: the checks of a run, over steps
-# --------------------------------------------------------------------------------------------------------
-
-ROLES: tuple[str, ...] = ("weight", "activation", "grad")
-METRICS: tuple[str, ...] = ("rms", "saturated", "subnormal", "flushed")
-_LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
-
-
-def layer_group(module: str) -> str:
-    """The repeated block a module belongs to (``blocks.3`` for ``blocks.3.body.qkv``), else its path's
-    first name (``lm_head``)."""
-    m = _LAYER.match(module)
-    return m.group(1) if m else (module.split(".")[0] or "<model>")
-
-
-@dataclass
-class GroupSeries:
-    """One layer group's tensors of one role over the checks: per step, log2 RMS (geometric mean, min and
-    max over the tensors) and each fraction's maximum (the group's worst tensor)."""
-
-    steps: list[int]
-    log2_rms: list[float]
-    log2_rms_min: list[float]
-    log2_rms_max: list[float]
-    fractions: dict[str, list[float]]
-
-
-def scale_history(records: Sequence[dict[str, Any]]) -> tuple[dict[str, dict[str, GroupSeries]],
-                                                                 dict[str, list[str]]]:
-    """({role: {group: series}}, {role: formats seen}) from metrics records (``"scales"`` events only)."""
-    acc: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {}
-    formats: dict[str, list[str]] = {}
-    for rec in records:
-        if rec.get("event") != "scales":
-            continue
-        for row in rec.get("tensors", []):
-            role = row["role"]
-            acc.setdefault(role, {}).setdefault(layer_group(row["module"]), {}).setdefault(
-                rec["step"], []).append(row)
-            if row["format"] not in formats.setdefault(role, []):
-                formats[role].append(row["format"])
-    out: dict[str, dict[str, GroupSeries]] = {}
-    for role, groups in acc.items():
-        out[role] = {}
-        for group, by_step in groups.items():
-            steps = sorted(by_step)
-            logs = [[_log2(r.get("rms")) for r in by_step[s]] for s in steps]
-            finite = [[v for v in row if math.isfinite(v)] for row in logs]
-            out[role][group] = GroupSeries(
-                steps=steps,
-                log2_rms=[sum(v) / len(v) if v else math.nan for v in finite],
-                log2_rms_min=[min(v) if v else math.nan for v in finite],
-                log2_rms_max=[max(v) if v else math.nan for v in finite],
-                fractions={k: [max((r.get(k) or 0.0) for r in by_step[s]) for s in steps]
-                           for k in METRICS[1:]},
-            )
-    return out, formats
-
-
-def _log2(v: float | None) -> float:
-    return math.log2(v) if v is not None and v > 0 and math.isfinite(v) else math.nan
-
-
-def plot_history(records: Sequence[dict[str, Any]], *, rule: ComfortRule | None = None,
-                 title: str = "") -> Any:
-    """A matplotlib Figure: rows log2 RMS / saturated / subnormal / flushed, columns weight / activation /
-    grad; one line per layer group over training steps, the format's ranges as bands (RMS: normal range,
-    comfortable band inside it, subnormal range below; fractions: the rule's limits). ValueError when the
-    records hold no check."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    rule = rule or ComfortRule()
-    history, formats = scale_history(records)
-    roles = [r for r in ROLES if r in history] + sorted(set(history) - set(ROLES))
-    if not roles:
-        raise ValueError("no scale-health checks in these records (train with monitor_every > 0; the "
-                         "monitor records only modules that run the simulate or fp8 backend)")
-    fig = Figure(figsize=(5.2 * len(roles) + 2.2, 11))
-    axes = fig.subplots(len(METRICS), len(roles), sharex=True, squeeze=False)
-    groups = list(dict.fromkeys(g for r in roles for g in history[r]))
-    cmap = colormaps["viridis"]
-    colour = {g: cmap(i / max(len(groups) - 1, 1)) for i, g in enumerate(groups)}
-    limits = {"saturated": rule.max_saturated, "flushed": rule.max_flushed}
-    for j, role in enumerate(roles):
-        fmt = get_format(formats[role][0])
-        others = f" (+ {', '.join(formats[role][1:])})" if len(formats[role]) > 1 else ""
-        ax = axes[0][j]
-        lo, hi = rule.band(fmt)
-        ax.axhspan(math.log2(fmt.min_normal), math.log2(fmt.max), color="tab:green", alpha=0.08, lw=0)
-        ax.axhspan(lo, hi, color="tab:green", alpha=0.14, lw=0)
-        ax.axhspan(math.log2(fmt.min_subnormal), math.log2(fmt.min_normal), color="tab:orange", alpha=0.15,
-                   lw=0)
-        ax.set_title(f"{role}: {fmt.name}{others}", fontsize=11)
-        for group, s in history[role].items():
-            ax.plot(s.steps, s.log2_rms, color=colour[group], lw=1.3, marker=".", label=group)
-            ax.fill_between(s.steps, s.log2_rms_min, s.log2_rms_max, color=colour[group], alpha=0.12, lw=0)
-            for i, key in enumerate(METRICS[1:], start=1):
-                axes[i][j].plot(s.steps, s.fractions[key], color=colour[group], lw=1.3, marker=".")
-        for i, key in enumerate(METRICS[1:], start=1):
-            a = axes[i][j]
-            a.set_yscale("symlog", linthresh=1e-6)
-            a.set_ylim(0, 1.2)
-            if key in limits:
-                a.axhspan(limits[key], 1.2, color="tab:red", alpha=0.08, lw=0)
-                a.axhline(limits[key], color="tab:red", lw=0.8, ls="--")
-    labels = {"rms": "log2 RMS", "saturated": "fraction saturated", "subnormal": "fraction subnormal",
-              "flushed": "fraction flushed to 0"}
-    for i, key in enumerate(METRICS):
-        axes[i][0].set_ylabel(labels[key])
-        for a in axes[i]:
-            a.grid(color="0.88", lw=0.5)
-    for a in axes[-1]:
-        a.set_xlabel("step")
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="center right", fontsize=8, frameon=False, title="layer group")
-    fig.suptitle(title or "scale health over training (band: comfortable RMS; dashed: limits)", fontsize=12)
-    fig.subplots_adjust(left=0.07, right=1 - 1.9 / fig.get_figwidth(), top=0.93, bottom=0.05, hspace=0.12)
-    return fig

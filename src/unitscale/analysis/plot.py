@@ -1,35 +1,64 @@
-"""Scale plot in the style of the unit-scaling paper: one row per site, log2 RMS against a format's ranges.
+"""Scale plots in the style of the unit-scaling paper, against a format's normal and subnormal ranges.
 
-Each record is drawn on the row of its site: a dot at log2 RMS, a bar over the central 98 % of log2|x|
-(finite non-zero values) and a tick at log2 absmax. Forward tensors (activations, weights) on the left,
-backward tensors (gradients, weight gradients) on the right, with the format's normal range and
-subnormal range as bands behind them.
+``plot_records``: one row per site of a ``track_scales`` report. Each record is drawn on the row of its
+site: a dot at log2 RMS, a bar over the central 98 % of log2|x| (finite non-zero values) and a tick at
+log2 absmax. Forward tensors (activations, weights) on the left, backward tensors (gradients, weight
+gradients) on the right, with the format's ranges as bands behind them.
+
+``plot_history``: the scale monitor's checks over training (``unitscale.analysis.history``), one line per
+layer group, log2 RMS and the overflow / subnormal / underflow fractions against the same bands and the
+comfort rule (``unitscale.analysis.health``).
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from unitscale.formats import get_format
+from unitscale.analysis.health import ComfortRule
+from unitscale.analysis.history import FRACTIONS, METRICS, layer_group, scale_history
+from unitscale.formats import Format, get_format
 
 COLOURS = {
     "activation": "tab:blue", "weight": "tab:green", "gradient": "tab:red", "weight_grad": "tab:purple",
 }
 ROW_HEIGHT_IN = 0.19
-_LAYER = re.compile(r"^(.*?\.\d+)(?:[.#]|$)")
+# Band colours (and alpha) of a format's ranges, shared by both plots and their legends.
+NORMAL_BAND = ("tab:green", 0.10)
+SUBNORMAL_BAND = ("tab:orange", 0.18)
+UNDERFLOW_BAND = ("0.6", 0.18)
+OVERFLOW_BAND = ("tab:red", 0.12)
 
 
-def _group(site: str) -> str:
-    """The repeated block a site belongs to (``layers.3`` for ``layers.3.mlp.fc1``), else its first name."""
-    m = _LAYER.match(site.split(" / ")[0])
-    return m.group(1) if m else site.split(".")[0].split(" / ")[0]
+def draw_format_ranges(ax: Any, fmt: Format, *, vertical: bool = True, lo: float | None = None,
+                       hi: float | None = None) -> None:
+    """Bands of ``fmt``'s ranges in log2 |value| on ``ax``: normal and subnormal, plus underflow down to
+    ``lo`` and overflow up to ``hi`` when given. ``vertical``: the value axis is x (the bands are
+    vertical)."""
+    span = ax.axvspan if vertical else ax.axhspan
+    lo_sub, lo_norm, hi_max = math.log2(fmt.min_subnormal), math.log2(fmt.min_normal), math.log2(fmt.max)
+    bands = [((lo_norm, hi_max), NORMAL_BAND), ((lo_sub, lo_norm), SUBNORMAL_BAND)]
+    if lo is not None:
+        bands.append(((lo, lo_sub), UNDERFLOW_BAND))
+    if hi is not None:
+        bands.append(((hi_max, hi), OVERFLOW_BAND))
+    for (a, b), (colour, alpha) in bands:
+        span(a, b, color=colour, alpha=alpha, lw=0)
+
+
+def format_legend(fmt: Format) -> list[Patch]:
+    """Legend entries for the bands of :func:`draw_format_ranges`."""
+    return [
+        Patch(color=NORMAL_BAND[0], alpha=0.25, label=f"{fmt.name} normal range"),
+        Patch(color=SUBNORMAL_BAND[0], alpha=0.35, label=f"{fmt.name} subnormal range"),
+        Patch(color=UNDERFLOW_BAND[0], alpha=0.35, label="underflow (flushed to zero)"),
+        Patch(color=OVERFLOW_BAND[0], alpha=0.25, label="overflow"),
+    ]
 
 
 def _finite(vals: Sequence[float]) -> list[float]:
@@ -39,7 +68,7 @@ def _finite(vals: Sequence[float]) -> list[float]:
 def plot_records(records: Sequence[Any], fmt: str, title: str = "") -> Any:
     """Figure with two panels (forward | backward) sharing one row per site; see module docstring."""
     f = get_format(fmt)
-    lo_sub, lo_norm, hi_max = math.log2(f.min_subnormal), math.log2(f.min_normal), math.log2(f.max)
+    lo_sub, hi_max = math.log2(f.min_subnormal), math.log2(f.max)
     sites = list(dict.fromkeys(r.site for r in records))
     row = {s: i for i, s in enumerate(sites)}
     n = max(len(sites), 1)
@@ -52,10 +81,7 @@ def plot_records(records: Sequence[Any], fmt: str, title: str = "") -> Any:
     x_lo = max(min(d_lo, lo_sub) - 1.5, d_lo - 10)
     x_hi = min(max(d_hi, hi_max) + 1.5, d_hi + 10)
     for ax, direction in zip(axes, ("forward", "backward")):
-        ax.axvspan(lo_norm, hi_max, color="tab:green", alpha=0.10, lw=0)
-        ax.axvspan(lo_sub, lo_norm, color="tab:orange", alpha=0.18, lw=0)
-        ax.axvspan(x_lo - 100, lo_sub, color="0.6", alpha=0.18, lw=0)
-        ax.axvspan(hi_max, x_hi + 100, color="tab:red", alpha=0.12, lw=0)
+        draw_format_ranges(ax, f, lo=x_lo - 100, hi=x_hi + 100)
         ax.axvline(0, color="0.3", lw=0.8, ls="--")
         _draw_group_lines(ax, sites)
         mine = [r for r in records if r.direction == direction]
@@ -85,10 +111,7 @@ def plot_records(records: Sequence[Any], fmt: str, title: str = "") -> Any:
         Line2D([], [], marker="o", ls="-", color=c, label=k.replace("_", " ")) for k, c in COLOURS.items()
     ]
     handles += [
-        Patch(color="tab:green", alpha=0.25, label=f"{f.name} normal range"),
-        Patch(color="tab:orange", alpha=0.35, label=f"{f.name} subnormal range"),
-        Patch(color="0.6", alpha=0.35, label="flushed to zero"),
-        Patch(color="tab:red", alpha=0.25, label="overflow"),
+        *format_legend(f),
         Line2D([], [], marker="x", ls="", color="black", label="non-finite / zero RMS"),
     ]
     # Title and legend take a fixed height in inches above the panels, whatever the number of rows.
@@ -116,7 +139,63 @@ def _draw_record(ax: Any, r: Any, y: float, x_lo: float) -> None:
 def _draw_group_lines(ax: Any, sites: Sequence[str]) -> None:
     prev = None
     for i, s in enumerate(sites):
-        g = _group(s)
+        g = layer_group(s)
         if prev is not None and g != prev:
             ax.axhline(i - 0.5, color="0.55", lw=0.6)
         prev = g
+
+
+def plot_history(records: Sequence[Mapping[str, Any]], *, rule: ComfortRule | None = None,
+                 title: str = "") -> Figure:
+    """A Figure of the scale monitor's checks over training: rows log2 RMS, then the overflow / subnormal /
+    underflow fractions; columns weight / activation / grad; one line per layer group (RMS: geometric mean
+    with the group's min-max envelope; fractions: the group's worst tensor). Bands: the format's ranges and
+    ``rule``'s comfortable RMS band; dashed lines: its overflow and underflow limits. ValueError when the
+    records hold no check."""
+    from matplotlib import colormaps
+
+    history, formats = scale_history(records)
+    order = ("weight", "activation", "grad")
+    roles = [r for r in order if r in history] + sorted(set(history) - set(order))
+    if not roles:
+        raise ValueError("no scale-health checks in these records (train with monitor_every > 0; the "
+                         "monitor records only modules that run the simulate or fp8 backend)")
+    rule = rule or ComfortRule()
+    limits = {"overflow": rule.max_overflow, "underflow": rule.max_underflow}
+    fig = Figure(figsize=(5.2 * len(roles) + 2.2, 11))
+    axes = fig.subplots(len(METRICS), len(roles), sharex=True, squeeze=False)
+    groups = list(dict.fromkeys(g for r in roles for g in history[r]))
+    cmap = colormaps["viridis"]
+    colour = {g: cmap(i / max(len(groups) - 1, 1)) for i, g in enumerate(groups)}
+    for j, role in enumerate(roles):
+        fmt = get_format(formats[role][0])
+        others = f" (+ {', '.join(formats[role][1:])})" if len(formats[role]) > 1 else ""
+        ax = axes[0][j]
+        draw_format_ranges(ax, fmt, vertical=False)
+        ax.axhspan(*rule.band(fmt), color=NORMAL_BAND[0], alpha=NORMAL_BAND[1], lw=0)
+        ax.set_title(f"{role}: {fmt.name}{others}", fontsize=11)
+        for group, s in history[role].items():
+            ax.plot(s.steps, s.log2_rms, color=colour[group], lw=1.3, marker=".", label=group)
+            ax.fill_between(s.steps, s.log2_rms_min, s.log2_rms_max, color=colour[group], alpha=0.12, lw=0)
+            for i, key in enumerate(FRACTIONS, start=1):
+                axes[i][j].plot(s.steps, s.fractions[key], color=colour[group], lw=1.3, marker=".")
+        for i, key in enumerate(FRACTIONS, start=1):
+            a = axes[i][j]
+            a.set_yscale("symlog", linthresh=1e-6)
+            a.set_ylim(0, 1.2)
+            if key in limits:
+                a.axhspan(limits[key], 1.2, color=OVERFLOW_BAND[0], alpha=0.08, lw=0)
+                a.axhline(limits[key], color=OVERFLOW_BAND[0], lw=0.8, ls="--")
+    labels = {"rms": "log2 RMS", "overflow": "fraction overflow", "subnormal": "fraction subnormal",
+              "underflow": "fraction underflow (to 0)"}
+    for i, key in enumerate(METRICS):
+        axes[i][0].set_ylabel(labels[key])
+        for a in axes[i]:
+            a.grid(color="0.88", lw=0.5)
+    for a in axes[-1]:
+        a.set_xlabel("step")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center right", fontsize=8, frameon=False, title="layer group")
+    fig.suptitle(title or "scale health over training (band: comfortable RMS; dashed: limits)", fontsize=12)
+    fig.subplots_adjust(left=0.07, right=1 - 1.9 / fig.get_figwidth(), top=0.93, bottom=0.05, hspace=0.12)
+    return fig

@@ -11,16 +11,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from unitscale.analysis.stats import fractions_from_counts, hist_quantile, to_host
+from unitscale.analysis.stats import hist_quantile, safe_log2, to_host
+from unitscale.formats import fractions_from_counts
 
 Role = Literal["activation", "gradient", "weight", "weight_grad"]
 Direction = Literal["forward", "backward"]
 ROLES: tuple[str, ...] = ("activation", "gradient", "weight", "weight_grad")
 SPREAD_QUANTILES = (0.01, 0.99)
-
-
-def _log2(v: float) -> float:
-    return math.log2(v) if v > 0 else -math.inf
 
 
 @dataclass(frozen=True)
@@ -52,11 +49,11 @@ class ScaleRecord:
 
     @property
     def log2_rms(self) -> float:
-        return _log2(self.rms)
+        return safe_log2(self.rms)
 
     @property
     def log2_absmax(self) -> float:
-        return _log2(self.absmax)
+        return safe_log2(self.absmax)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

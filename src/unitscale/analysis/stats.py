@@ -1,15 +1,19 @@
 """Per-tensor scale statistics, computed on the tensor's device without a host sync.
 
-For a tensor x with n elements, of which F are finite (non-finite values are counted, then excluded):
+The one place both the offline analysis (``track_scales``) and the live monitor (``unitscale.monitor``)
+compute a tensor's statistics. For a tensor x with n elements, of which F are finite (non-finite values
+are counted, then excluded):
 
-    rms    = sqrt(Σ_finite x² / F)          mean = Σ_finite x / F          absmax = max_finite |x|
+    rms    = sqrt(Σ_finite x² / F)  (float64 sums)    mean = Σ_finite x / F    absmax = max_finite |x|
+    range  = ``unitscale.formats.range_counts(x, fmt)``: zero / underflow / subnormal / normal / overflow /
+             non-finite counts (the single place the format rule lives); fractions of them come from
+             ``unitscale.formats.fractions_from_counts``
     hist   = counts of floor(BINS_PER_OCTAVE · log2|x|) over finite non-zero x, plus a zero and a
              non-finite bin (the "spread" of the plots is read from it)
-    range  = ``unitscale.formats.range_counts(x, fmt)`` (zero / underflow / subnormal / normal / overflow /
-             non-finite counts, the single place the format rule lives), turned into fractions at the end
-             by ``fractions_from_counts`` exactly as ``range_fractions`` does, without its per-tensor sync.
 
-``tensor_stats`` returns 0-d / 1-d tensors; ``to_host`` stacks many of them and copies once.
+mean, absmax and hist are the analysis report's details; the live monitor needs only rms and range.
+
+``tensor_stats`` returns 0-d / 1-d tensors; ``to_host`` packs many of them and copies once.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from unitscale.formats import RANGE_KEYS, range_counts
+from unitscale.formats import range_counts
 
 BINS_PER_OCTAVE = 4
 # log2 range covered by the histogram: below the fp32 smallest subnormal (2^-149) to above its max (2^128).
@@ -45,60 +49,63 @@ def log2_histogram(x: Tensor) -> Tensor:
     return counts.scatter_add_(0, code, torch.ones_like(code))
 
 
-def tensor_stats(x: Tensor, fmt: Any) -> dict[str, Tensor]:
-    """Scale statistics of ``x`` as device tensors (see module docstring); ``fmt`` is a ``Format``."""
+def tensor_stats(x: Tensor, fmt: Any, *, detail: bool = True) -> dict[str, Tensor]:
+    """Scale statistics of ``x`` as device tensors (see module docstring); ``fmt`` is a float ``Format``.
+
+    Keys: numel, nonfinite, rms, range; with ``detail`` (the analysis report) also mean, absmax and hist.
+    The scale monitor leaves ``detail`` off: two passes over x besides the range counts."""
     with torch.no_grad():
         x = x.detach()
         xf = x if x.dtype == torch.float64 else x.float()
-        finite = torch.isfinite(xf)
-        n_finite = finite.sum()
-        xz = torch.where(finite, xf, torch.zeros((), dtype=xf.dtype, device=xf.device))
-        denom = n_finite.clamp(min=1).double()
+        counts = range_counts(x, fmt)
+        xz = torch.nan_to_num(xf, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite values are excluded
+        denom = (x.numel() - counts[5]).clamp(min=1).double()
         # float64 accumulation: squares of values beyond 2^64 would overflow float32.
         sumsq = torch.linalg.vector_norm(xz, dtype=torch.float64) ** 2
         out = {
             "numel": torch.tensor(x.numel(), dtype=torch.int64, device=x.device),
-            "nonfinite": x.numel() - n_finite,
+            "nonfinite": counts[5],
             "rms": (sumsq / denom).sqrt(),
-            "mean": xz.sum(dtype=torch.float64) / denom,
-            "absmax": (
-                xz.abs().amax().double()
-                if x.numel()
-                else torch.zeros((), dtype=torch.float64, device=x.device)
-            ),
-            "hist": log2_histogram(xf),
+            "range": counts,
         }
-        out["range"] = range_counts(x, fmt)
+        if detail:
+            out["mean"] = xz.sum(dtype=torch.float64) / denom
+            empty = torch.zeros((), dtype=torch.float64, device=x.device)
+            out["absmax"] = xz.abs().amax().double() if x.numel() else empty
+            out["hist"] = log2_histogram(xf)
     return out
 
 
 def to_host(stats: Sequence[Mapping[str, Tensor]]) -> dict[str, np.ndarray]:
-    """Stack each field over many ``tensor_stats`` results and copy it to the host (one copy per field)."""
+    """Stack each field over many ``tensor_stats`` results on the host, with one device-to-host copy.
+
+    Every record is packed into one float64 row (counts are exact in float64 up to 2^53), the rows are
+    stacked and copied once, and integer fields come back as int64."""
     if not stats:
         return {}
-    keys = list(stats[0])
+    first = stats[0]
+    keys = list(first)
+    rows = [torch.cat([s[k].reshape(-1).to(torch.float64) for k in keys]) for s in stats]
+    # Records may live on several devices (model parallel): then each row is copied on its own.
+    if len({r.device for r in rows}) == 1:
+        table = torch.stack(rows).cpu().numpy()
+    else:
+        table = torch.stack([r.cpu() for r in rows]).numpy()
     out: dict[str, np.ndarray] = {}
+    col = 0
     for key in keys:
-        # Records may live on several devices (model parallel); group the copy by device.
-        values = [s[key] for s in stats]
-        devices = {v.device for v in values}
-        if len(devices) == 1:
-            out[key] = torch.stack(values).cpu().numpy()
-        else:
-            out[key] = torch.stack([v.cpu() for v in values]).numpy()
+        width = first[key].numel()
+        block = table[:, col : col + width].reshape(len(stats), *first[key].shape)
+        out[key] = block if first[key].is_floating_point() else block.astype(np.int64)
+        col += width
     return out
 
 
-def fractions_from_counts(counts: Sequence[int]) -> dict[str, float]:
-    """``range_fractions``' result from a ``range_counts`` vector: fractions of the finite non-zero values.
-
-    Keys ``RANGE_KEYS``: underflow (flushed to zero), subnormal (includes underflow), normal, overflow.
-    Kept identical to ``unitscale.formats.range_fractions`` (tests compare the two on the same tensors).
-    """
-    zero, under, sub, normal, over, _ = (int(c) for c in counts)
-    n = under + sub + normal + over
-    values = {"underflow": under, "subnormal": under + sub, "normal": normal, "overflow": over}
-    return {k: (values[k] / n if n else 0.0) for k in RANGE_KEYS}
+def safe_log2(v: float | None) -> float:
+    """log2 v for a statistic: −inf for 0, NaN for None, NaN or a negative value."""
+    if v is None or math.isnan(v) or v < 0:
+        return math.nan
+    return math.log2(v) if v > 0 else -math.inf
 
 
 def hist_quantile(hist: np.ndarray, q: float) -> float:

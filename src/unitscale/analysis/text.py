@@ -35,7 +35,7 @@ def records_table(records: Sequence[Any], fmt: str, title: str = "") -> Table:
                          ("rms", "right"), ("absmax", "right")]:
         table.add_column(col, justify=justify, no_wrap=col != "tensor")
     for key in frac_keys:
-        table.add_column("flushed" if key == "underflow" else key, justify="right")
+        table.add_column(key, justify="right")
     table.add_column("non-finite", justify="right")
     for r in records:
         values = [getattr(r, k) for k in frac_keys]

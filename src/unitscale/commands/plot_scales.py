@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 NAME = "plot-scales"
-HELP = ("plot RMS and saturated / subnormal / flushed fractions of every quantised tensor over training "
+HELP = ("plot RMS and overflow / subnormal / underflow fractions of every quantised tensor over training "
         "(the checks in RUN_DIR/metrics.jsonl), one line per layer group, the format's range as a band")
 
 
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     fig.savefig(out, dpi=110)
     checks = [r for r in records if r.get("event") == "scales"]
     last = checks[-1]
-    worst_now = worst([TensorStats(**row) for row in last["tensors"]])
+    worst_now = worst([TensorStats.from_dict(row) for row in last["tensors"]])
     warned = sum(r.get("event") == "scale_warning" for r in records)
     print(f"{out}: {len(checks)} checks (steps {checks[0]['step']}..{last['step']}), {warned} warnings; "
           f"worst at step {last['step']}: {worst_text(worst_now)}")
