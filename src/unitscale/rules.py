@@ -111,6 +111,24 @@ def readout_rule(
     return OpScales(r.alpha, r.betas, (), "all edges cut: unconstrained")
 
 
+def conv_rule(
+    in_per_group: int,
+    out_per_group: int,
+    kernel: int,
+    stride: int,
+    rows: float,
+    *,
+    weight_grad_exponent: float = WEIGHT_GRAD_EXPONENT,
+) -> OpScales:
+    """Convolution as a linear over each window of ``kernel`` elements: fan-in C_in/g·K; an input element
+    meets ≈ K/S windows (S = stride product), so its gradient sums C_out/g·K/S terms; ``rows`` output
+    positions. alpha = (C_in/g·K)^-½, beta_input = (C_out/g·K/S)^-½, beta_weight = beta_bias = rows^-e."""
+    k, s = _positive_int("kernel", kernel), _positive_int("stride", stride)
+    fan_in = _positive_int("in_per_group", in_per_group) * k
+    fan_out = max(round(_positive_int("out_per_group", out_per_group) * k / s), 1)
+    return linear_rule(fan_in, fan_out, rows, weight_grad_exponent=weight_grad_exponent)
+
+
 def sum_rule(n: int) -> OpScales:
     """Sum over n unit elements: alpha = n^-½, beta = 1 (constrained: gmean n^-¼)."""
     return OpScales(
