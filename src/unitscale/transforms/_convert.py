@@ -86,6 +86,10 @@ class Converter:
         self.cut = G.cut_edges(self.gm.graph, self.live)
         self.param_only = self._param_only()
         self.uses = self._param_uses()
+        self._tie_edges: dict[tuple[fx.Node, fx.Node], list[str]] = {}
+        for target, edges in self.uses.items():
+            for edge in edges if len(edges) > 1 else ():
+                self._tie_edges.setdefault(edge, []).append(target)
         self.graph = fx.Graph()
         self.env: dict[fx.Node, Any] = {}
         self.factor: dict[fx.Node, float] = {}
@@ -114,20 +118,21 @@ class Converter:
         return {n for n in self.live if n not in from_inputs}
 
     def _param_uses(self) -> dict[str, list[tuple[fx.Node, fx.Node]]]:
-        """Per parameter: the edges (u → op) where data computed from it alone enters an activation op."""
-        roots: dict[fx.Node, set[str]] = {}
+        """Per parameter: the edges (u → op) where it, or a view of it (slice, transpose, expand …),
+        enters an op. Two or more uses make it tied (its gradient sums one contribution per use)."""
+        chains: dict[fx.Node, set[str]] = {}
         uses: dict[str, list[tuple[fx.Node, fx.Node]]] = {}
         for node in self.gm.graph.nodes:
-            if node not in self.param_only:
-                for a in dict.fromkeys(G.node_args(node)):
-                    for target in roots.get(a, ()):
-                        uses.setdefault(target, []).append((a, node))
+            if G.is_param(self.gm, node):
+                chains[node] = {node.target}
                 continue
-            roots[node] = (
-                {node.target}
-                if node.op == "get_attr"
-                else set().union(*(roots[a] for a in G.node_args(node) if a in roots))
-            )
+            inputs = [a for a in dict.fromkeys(G.node_args(node)) if a in chains]
+            if node in self.param_only and G.is_view(node) and inputs:
+                chains[node] = set().union(*(chains[a] for a in inputs))
+                continue
+            for a in inputs:
+                for target in chains[a]:
+                    uses.setdefault(target, []).append((a, node))
         return uses
 
     def ancestor(self, a: fx.Node, b: fx.Node) -> bool:
@@ -204,14 +209,10 @@ class Converter:
                 split = self.call(U.residual_split, (self.env[a], r.tau))
                 r.split = (self.call(operator.getitem, (split, 0)), self.call(operator.getitem, (split, 1)))
             return r.split[0] if user is r.add else r.split[1]
-        if a in self.param_only and user not in self.param_only:
-            return self._tie_input(user, a)
-        return self.env[a]
+        targets = self._tie_edges.get((a, user))
+        return self._tie_input(user, a, targets) if targets else self.env[a]
 
-    def _tie_input(self, user: fx.Node, a: fx.Node) -> fx.Node:
-        targets = [t for t, edges in self.uses.items() if len(edges) > 1 and (a, user) in edges]
-        if not targets:
-            return self.env[a]
+    def _tie_input(self, user: fx.Node, a: fx.Node, targets: list[str]) -> fx.Node:
         key = (a, user)
         if key not in self._wrapped:
             if (
@@ -351,6 +352,8 @@ class Converter:
             if result is not None:
                 return result
             return self.unsupported(node)
+        if G.is_metadata(node) and any(a in self.absorbed for a in G.node_args(node)):
+            return None, 1.0  # an assertion on a tensor a pattern rule replaced
         if node.op in ("placeholder", "get_attr") or node not in self.live or G.is_metadata(node):
             return self.copy(node), 1.0
         rule = self._rules.get(node.target) or self._rules.get(getattr(node.target, "overloadpacket", None))

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +28,19 @@ METADATA_OPS = frozenset({
     aten._assert_tensor_metadata.default, aten._assert_scalar.default,
     aten.sym_constrain_range_for_size.default,
 })  # fmt: skip
+
+
+# Ops that only rearrange, select or re-type values: a parameter seen through them is still that parameter.
+VIEW_OPS = frozenset({
+    aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.permute, aten.t, aten.expand,
+    aten.expand_as, aten.slice, aten.select, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind,
+    aten.narrow, aten.unsqueeze, aten.squeeze, aten.flatten, aten.unflatten, aten.contiguous, aten.clone,
+    aten.alias, aten.to, aten._to_copy, aten.detach, operator.getitem,
+})  # fmt: skip
+
+
+def is_view(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "overloadpacket", node.target) in VIEW_OPS
 
 
 def node_args(node: fx.Node) -> Iterator[fx.Node]:

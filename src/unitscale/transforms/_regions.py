@@ -12,6 +12,7 @@ rule is reported, never silently applied.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +22,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from unitscale import rules
+from unitscale.scale import scaled
 from unitscale.transforms._capture import module_stack
+from unitscale.transforms._graph import is_metadata
 from unitscale.transforms._convert import Converter, Result, as_tensor_meta
 
 aten = torch.ops.aten
@@ -194,8 +198,13 @@ def _packet(node: Any) -> Any:
 _CASTS = {aten.to, aten._to_copy, aten.type_as}
 
 
+def _users(node: fx.Node) -> list[fx.Node]:
+    """Users that read values (dtype/shape assertions left out)."""
+    return [u for u in node.users if not is_metadata(u)]
+
+
 def _only_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
+    users = _users(node)
     return users[0] if len(users) == 1 else None
 
 
@@ -233,19 +242,23 @@ def _plan_rms_norm(cv: Converter, r: fx.Node) -> None:
         ):
             weight, out = other, nxt
             inside.append(nxt)
-    if any(u not in inside for n in inside[:-1] for u in n.users):
+    if any(u not in inside for n in inside[:-1] for u in _users(n)):
         return  # an intermediate is used outside the pattern
-    shape = tuple(int(s) for s in meta.shape[dims[0] :])
+    width = math.prod(int(s) for s in meta.shape[dims[0] :])
     cv.absorbed |= set(inside[:-1])
-    cv.special[out] = lambda cv, n: _emit_rms_norm(cv, n, x0, shape, weight, float(eps))
+    cv.special[out] = lambda cv, n: _emit_rms_norm(cv, x0, inside, weight, width)
 
 
-def _emit_rms_norm(cv: Converter, out: fx.Node, x: fx.Node, shape: tuple, weight: Any, eps: float) -> Result:
-    from unitscale.transforms._rules_params import rms_norm
-
-    new, factor = rms_norm(cv, out, x, shape, weight, eps)
-    want = as_tensor_meta(out)
-    if want is not None and as_tensor_meta(x) is not None and want.dtype != as_tensor_meta(x).dtype:
-        new = cv.call(aten.to.dtype, (new, want.dtype))
+def _emit_rms_norm(cv: Converter, x: fx.Node, inside: list[fx.Node], weight: Any, width: int) -> Result:
+    """The model's own RMSNorm ops (its casts kept: exact, also where it computes in float32) on x brought
+    to factor 1, the gain's gradient × rows^-e (``rules.rms_norm_rule``): α = 1, β_x = 1."""
+    cv.unit_init(weight, "ones")
+    local = {x: cv.comp(cv.arg(inside[0], x), cv.c(x))}
+    if weight is not None:
+        rows = cv.rows(x, width) or max(math.prod(cv.shape(x) or (width,)) // width, 1)
+        beta = rules.rms_norm_rule(rows).betas["weight"]
+        local[weight] = cv.call(scaled, (cv.arg(inside[-1], weight), 1.0, beta))
+    for node in inside:
+        local[node] = cv.graph.node_copy(node, lambda a: local[a] if a in local else cv.arg(node, a))
     cv.count("rms_norm_pattern")
-    return new, factor
+    return local[inside[-1]], 1.0

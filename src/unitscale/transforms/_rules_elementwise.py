@@ -20,7 +20,9 @@ import torch
 import torch.fx as fx
 
 from unitscale import functional as U
-from unitscale.transforms._convert import Converter, Result
+from unitscale import rules
+from unitscale.scale import scaled
+from unitscale.transforms._convert import Converter, Result, as_tensor_meta
 
 aten = torch.ops.aten
 
@@ -45,8 +47,23 @@ def _packet(node: fx.Node):
     return getattr(node.target, "overloadpacket", node.target)
 
 
+_CASTS = {aten.to, aten._to_copy, aten.type_as}
+
+
+def _narrowing(node: fx.Node) -> bool:
+    """A cast to a float dtype with fewer mantissa bits than its input (float64 → float32 …)."""
+    src, dst = as_tensor_meta(node.args[0]), as_tensor_meta(node)
+    if src is None or dst is None or not (src.is_floating_point() and dst.is_floating_point()):
+        return False
+    return torch.finfo(dst.dtype).eps > torch.finfo(src.dtype).eps
+
+
 def _pass(cv: Converter, node: fx.Node) -> Result | None:
-    """Shape ops, casts, zero padding, max pooling: the factor of the first argument passes."""
+    """Shape ops, casts, zero padding, max pooling: the factor of the first argument passes. A cast to a
+    narrower float type (HF's ``.float()`` / ``.to(torch.float32)`` in a float64 model) sees its input at
+    factor 1, so it rounds exactly as in the original."""
+    if _packet(node) in _CASTS and _narrowing(node):
+        return _to_one(cv, node)
     if _packet(node) in (aten.pad, aten.constant_pad_nd):
         value = (
             node.args[3]
@@ -104,7 +121,24 @@ def _add(cv: Converter, node: fx.Node) -> Result | None:
         return _to_common(cv, node, [a, b])
     ca, cb = cv.c(a), cv.c(b)
     norm = math.hypot(ca, cb)
-    return cv.call(U.weighted_add, (cv.arg(node, a), cv.arg(node, b), cb / norm, ca / norm)), ca * cb / norm
+    left, right = _broadcast_scaled(cv, node, a, b)
+    return cv.call(U.weighted_add, (left, right, cb / norm, ca / norm)), ca * cb / norm
+
+
+def _broadcast_scaled(cv: Converter, node: fx.Node, a: fx.Node, b: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """An input broadcast f times (a position table added to every sequence of the batch) receives a
+    gradient summed over f copies: on a cut edge its gradient takes f^-½ (``rules.add_rule``)."""
+    out = cv.shape(node)
+    sizes = [cv.shape(t) for t in (a, b)]
+    if out is None or None in sizes:
+        return cv.arg(node, a), cv.arg(node, b)
+    factors = [math.prod(out) / max(math.prod(s), 1) for s in sizes]
+    betas = rules.add_rule(*factors).betas
+    new = []
+    for t, beta in ((a, betas["left"]), (b, betas["right"])):
+        cut = (t, node) in cv.cut
+        new.append(cv.call(scaled, (cv.arg(node, t), 1.0, beta)) if cut and beta != 1.0 else cv.arg(node, t))
+    return new[0], new[1]
 
 
 def _products(cv: Converter, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
