@@ -60,8 +60,9 @@ def trained_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                for t, lo, hi in ((m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0), (m.weight, 0.5, 1.5),
-                                  (m.bias, -0.3, 0.3)):  # fmt: skip
+                ranges = ((m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0), (m.weight, 0.5, 1.5),
+                          (m.bias, -0.3, 0.3))  # fmt: skip
+                for t, lo, hi in ranges:
                     t.copy_(lo + (hi - lo) * torch.rand(t.shape, generator=g))
     return model
 
@@ -128,8 +129,8 @@ def gpt2(vocab: int = 96, layers: int = 2, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=layers, n_head=4, use_cache=False,
-                        bos_token_id=0, eos_token_id=0)  # fmt: skip
+    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=layers, n_head=4,
+                        use_cache=False, bos_token_id=0, eos_token_id=0)  # fmt: skip
     return GPT2LMHeadModel(config)
 
 

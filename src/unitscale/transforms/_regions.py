@@ -25,8 +25,8 @@ from torch import nn
 from unitscale import rules
 from unitscale.scale import scaled
 from unitscale.transforms._capture import module_stack
-from unitscale.transforms._graph import is_metadata
 from unitscale.transforms._convert import Converter, Result, as_tensor_meta
+from unitscale.transforms._graph import is_metadata
 
 aten = torch.ops.aten
 
@@ -259,6 +259,6 @@ def _emit_rms_norm(cv: Converter, x: fx.Node, inside: list[fx.Node], weight: Any
         beta = rules.rms_norm_rule(rows).betas["weight"]
         local[weight] = cv.call(scaled, (cv.arg(inside[-1], weight), 1.0, beta))
     for node in inside:
-        local[node] = cv.graph.node_copy(node, lambda a: local[a] if a in local else cv.arg(node, a))
+        local[node] = cv.graph.node_copy(node, lambda a, n=node: local[a] if a in local else cv.arg(n, a))
     cv.count("rms_norm_pattern")
     return local[inside[-1]], 1.0
