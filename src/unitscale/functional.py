@@ -584,3 +584,11 @@ def group_norm(
     w = None if weight is None else scaled(weight, 1.0, r.betas["weight"])
     c = None if bias is None else scaled(bias, 1.0, r.betas["bias"])
     return F.group_norm(input, num_groups, w, c, eps)
+
+
+# Each op's plain-torch form (inference without unitscale), which unitscale.export inlines.
+from unitscale import functional_plain as _plain  # noqa: E402
+
+for _name in __all__:
+    if hasattr(_plain, _name):
+        globals()[_name].plain = getattr(_plain, _name)

@@ -146,7 +146,9 @@ def unit_scale(
     captured = _capture.capture(model, args, kwargs, dynamic)
     stats = _capture.record(captured, with_std=tau == "match" or rescale == "activations")
     keep = init == "keep"
-    reference = copy.deepcopy(captured.gm) if keep else None  # the original function, for the checks
+    with warnings.catch_warnings():  # torch's own deprecation inside deepcopy of export's pytree specs
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        reference = copy.deepcopy(captured.gm) if keep else None  # the original function, for the checks
     opts = Options(keep, constraint, tau, tau_attention, tau_mlp, rescale, grad_rows, token_rows, strict,
                    user_rules)  # fmt: skip
     conv = Converter(captured, model, opts, stats)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,7 +95,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool = True) -
     the model and torch.export's reason when capture fails.
     """
     sig, given = keyword_inputs(model, args, kwargs)
-    root = copy.deepcopy(model).train()  # training graph: dropout and batch norm follow .train()/.eval()
+    with warnings.catch_warnings():  # torch's own deprecation inside deepcopy of export's pytree specs
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        root = copy.deepcopy(model).train()  # training graph: dropout, batch norm follow .train()/.eval()
     dynamic_shapes = {name: _auto_dims(value) for name, value in given.items()}
     errors = []
     for symbolic in (True, False) if dynamic else (False,):

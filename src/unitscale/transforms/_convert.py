@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import Tensor, nn
+from torch import nn
 
 from unitscale import functional as U
 from unitscale.scale import scaled, shared
 from unitscale.transforms import _graph as G
 from unitscale.transforms._capture import Captured, describe_node, is_counter_update, module_path
+from unitscale.transforms._graph import as_tensor_meta  # noqa: F401  (the rules import it from here)
 
 aten = torch.ops.aten
 Result = tuple[Any, float]
@@ -388,15 +389,7 @@ def op_name(target: Any) -> str:
 
 
 def _get(root: nn.Module, path: str) -> Any:
-    if not path:
-        return root
     try:
-        return root.get_submodule(path)
+        return root.get_submodule(path) if path else root
     except AttributeError:
         return None
-
-
-def as_tensor_meta(node: Any) -> Tensor | None:
-    """The fake tensor torch.export recorded for ``node`` (shape with symbolic sizes, dtype)."""
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return value if isinstance(value, Tensor) else None

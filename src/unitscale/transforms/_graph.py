@@ -143,3 +143,9 @@ def _bridges(n: int, edges: list[tuple[int, int]]) -> set[int]:
                     if low[u] > disc[p]:
                         out.add(parent_edge)
     return out
+
+
+def as_tensor_meta(node: Any) -> torch.Tensor | None:
+    """The fake tensor torch.export recorded for ``node`` (shape with symbolic sizes, dtype)."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -117,6 +118,9 @@ class MatmulAt(nn.Module):
         p = self.precision
         return matmul_at(left, right, constraint=self.constraint, target=self.target, precision=p)
 
+    def plain_forward(self, left: Tensor, right: Tensor) -> Tensor:
+        return matmul_at.plain(left, right, constraint=self.constraint, target=self.target)
+
     def extra_repr(self) -> str:
         return f"constraint={self.constraint!r}, target={self.target}"
 
@@ -150,6 +154,12 @@ class AttentionAt(nn.Module):
             logit_factor=self.logit_factor, target=self.target, precision=self.precision,
         )  # fmt: skip
 
+    def plain_forward(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                      enable_gqa=False) -> Tensor:  # fmt: skip
+        p = dropout_p if self.training else 0.0
+        return attention_at.plain(query, key, value, attn_mask, p, is_causal, scale, enable_gqa,
+                                  logit_factor=self.logit_factor, target=self.target)  # fmt: skip
+
     def extra_repr(self) -> str:
         return f"logit_factor={self.logit_factor:.6g}, target={self.target}"
 
@@ -178,6 +188,12 @@ class LinearAt(nn.Module):
             input, w, bias, constraint=self.constraint, grad_rows=self.grad_rows, precision=self.precision
         )
 
+    def plain_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        w = weight.t() if self.transposed else weight
+        if self.readout:
+            return U.linear_readout.plain(input, w, bias)
+        return U.linear.plain(input, w, bias, constraint=self.constraint)
+
     def extra_repr(self) -> str:
         return f"transposed={self.transposed}, readout={self.readout}, constraint={self.constraint!r}"
 
@@ -195,6 +211,11 @@ class DropoutAt(nn.Module):
         if self.unit:
             return U.dropout(input, self.p, self.training)
         return F.dropout(input, self.p, self.training)
+
+    def plain_forward(self, input: Tensor) -> Tensor:
+        if self.unit:
+            return U.dropout.plain(input, self.p, self.training)
+        return F.dropout(input, self.p, self.training) if self.training else input
 
     def extra_repr(self) -> str:
         return f"p={self.p}, unit={self.unit}"
@@ -228,5 +249,43 @@ class BatchNormAt(nn.Module):
             grad_rows=self.grad_rows,
         )  # fmt: skip
 
+    def plain_forward(self, input, running_mean, running_var, weight, bias, num_batches_tracked=None):
+        """Inference: the running statistics."""
+        return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, self.eps)
+
     def extra_repr(self) -> str:
         return f"momentum={self.momentum}, eps={self.eps:.3g}"
+
+
+# -- plain forms (inference in plain torch, for unitscale.export) -----------------------------------------
+
+
+def _plain_softmax_at(input, dim=-1, *, mult=1.0, constraint="gmean", target):
+    if target is None:
+        return U.softmax.plain(input, dim, constraint=constraint, mult=mult)
+    return torch.softmax(input * mult if mult != 1.0 else input, dim) * target
+
+
+def _plain_matmul_at(left, right, *, constraint="gmean", target, precision=None):
+    if target is None:
+        return U.matmul.plain(left, right, constraint=constraint)
+    return torch.matmul(left, right) * target
+
+
+def _plain_attention_at(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                        enable_gqa=False, *, logit_factor=1.0, target, precision=None):  # fmt: skip
+    """F.scaled_dot_product_attention with logit scale (``scale`` or d^-½)·logit_factor, times the static
+    ``target`` or (target None) the attention rule's α(s), s = key length."""
+    if enable_gqa:
+        key, value = (t.repeat_interleave(query.shape[-3] // t.shape[-3], dim=-3) for t in (key, value))
+    base = query.shape[-1] ** -0.5 if scale is None else scale
+    y = F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                       scale=base * logit_factor)  # fmt: skip
+    if target is None:
+        return y * rules.attention_rule(1, dropout_p).law()(s=key.shape[-2])
+    return y * target
+
+
+softmax_at.plain = _plain_softmax_at  # type: ignore[attr-defined]
+matmul_at.plain = _plain_matmul_at  # type: ignore[attr-defined]
+attention_at.plain = _plain_attention_at  # type: ignore[attr-defined]

@@ -70,6 +70,12 @@ class UnitScaled(fx.GraphModule):
                 )  # fmt: skip
         return fx._pytree.tree_flatten_spec(((), example), self._in_spec)
 
+    def to_plain(self) -> fx.GraphModule:
+        """This model in plain torch (``unitscale.export``), e.g. when it is a submodule of another."""
+        from unitscale.export import export
+
+        return export(self)
+
     def recompile(self):
         code = super().recompile()
         if hasattr(self, "unit_signature"):
@@ -113,6 +119,9 @@ def build(captured: Captured, model: nn.Module, graph: fx.Graph, install: dict[s
         (p, v if not isinstance(v, Tensor) else _TENSOR) for p, v in _leaves(captured.example)
     ]
     gm.original_class = type(model)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:  # parameters that unit modules now call themselves
+            graph.erase_node(node)
     graph.set_codegen(_SignatureCodeGen(captured.gm.graph._codegen.pytree_info))
     gm.graph = graph  # recompiles
     gm.graph.lint()
