@@ -158,3 +158,34 @@ def minilm_classifier(num_labels: int = 3, seed: int = 0):
         return BertForSequenceClassification.from_pretrained(str(minilm_dir()), num_labels=num_labels)
     finally:
         logging.set_verbosity(verbosity)
+
+
+def unit_statistics(unit, example: dict, probe_at: str | None = None, seed: int = 5):
+    """σ of every converted op's output and of its gradient for loss = Σ y·g, g ~ N(0, 1), with y the
+    converted node ``probe_at`` (default: the model's first floating output); and σ of every parameter's
+    gradient. Returns ({node: (rule, op, σ, σ of the gradient)}, {parameter: σ of its gradient})."""
+    import torch.fx as fx
+
+    ops = unit.unit_scale_info.ops
+    kept: dict[str, torch.Tensor] = {}
+
+    class Keep(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if (n.name in ops or n.name == probe_at) and isinstance(value, torch.Tensor) and value.requires_grad:
+                value.retain_grad()
+                kept[n.name] = value
+            return value
+
+    flat = unit._unit_inputs((), example)
+    out = Keep(unit).run(*flat, enable_io_processing=False)
+    y = kept[probe_at] if probe_at else next(o for o in out if isinstance(o, torch.Tensor) and o.requires_grad)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    (y * g).sum().backward()
+    acts = {
+        name: (*ops[name], float(v.detach().std()), float(v.grad.std()))
+        for name, v in kept.items()
+        if name in ops and v.grad is not None and v.numel() > 1
+    }
+    grads = {name: float(p.grad.std()) for name, p in unit.named_parameters() if p.grad is not None}
+    return acts, grads

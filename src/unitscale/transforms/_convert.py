@@ -25,6 +25,7 @@ from unitscale.scale import scaled, shared
 from unitscale.transforms import _graph as G
 from unitscale.transforms._capture import Captured, describe_node, is_counter_update, module_path
 from unitscale.transforms._graph import as_tensor_meta  # noqa: F401  (the rules import it from here)
+from unitscale.transforms._residuals import find_residuals
 
 aten = torch.ops.aten
 Result = tuple[Any, float]
@@ -50,7 +51,8 @@ class Options:
 @dataclass
 class Info:
     """What the conversion did: residual τ's, unsupported ops, ops per rule, tied parameters, parameters
-    re-drawn by ``init="unit"`` that no rule owns (cls tokens, position tables), capture mode."""
+    re-drawn by ``init="unit"`` that no rule owns (cls tokens, position tables), capture mode, and for each
+    node of the converted graph that holds an original op's value: the rule and the op."""
 
     residuals: list[dict[str, Any]] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
@@ -58,20 +60,7 @@ class Info:
     ties: list[tuple[str, ...]] = field(default_factory=list)
     unit_initialised: list[str] = field(default_factory=list)
     dynamic: bool = True
-
-
-@dataclass
-class Residual:
-    add: fx.Node
-    skip: fx.Node
-    branch: fx.Node
-    branch_users: set[fx.Node]
-    attention: bool
-    tau: float = 0.5
-    split: tuple[fx.Node, fx.Node] | None = None
-
-
-ATTENTION_OPS = {aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default}
+    ops: dict[str, tuple[str, str]] = field(default_factory=dict)  # converted node → (rule, original op)
 
 
 class Converter:
@@ -99,7 +88,7 @@ class Converter:
         self.tie_nodes: dict[str, list[fx.Node]] = {}
         self._wrapped: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
         self.info = Info(dynamic=captured.dynamic)
-        self.residuals = self._find_residuals()
+        self.residuals = find_residuals(self)
         self._residual_of_skip = {r.skip: r for r in self.residuals.values()}
         self.absorbed: set[fx.Node] = set()
         self.special: dict[fx.Node, Rule] = {}
@@ -139,45 +128,6 @@ class Converter:
     def ancestor(self, a: fx.Node, b: fx.Node) -> bool:
         """a is a strict ancestor of b."""
         return bool((self.anc[b] >> self.index[a]) & 1)
-
-    def _find_residuals(self) -> dict[fx.Node, Residual]:
-        found: dict[fx.Node, Residual] = {}
-        skips: set[fx.Node] = set()
-        adds = {aten.add.Tensor, aten.add_.Tensor}
-        for node in self.gm.graph.nodes:
-            if node.target not in adds or node not in self.live or len(node.args) < 2:
-                continue
-            a, b = node.args[:2]
-            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or node.kwargs.get("alpha", 1) != 1:
-                continue
-            for skip, branch in ((a, b), (b, a)):
-                usable = skip not in self.param_only and (skip in self.live or skip.op == "placeholder")
-                if usable and branch in self.live and skip not in skips and self.ancestor(skip, branch):
-                    users = {u for u in skip.users if u is branch or self.ancestor(u, branch)}
-                    attention = any(
-                        n.target in ATTENTION_OPS
-                        for n in self.gm.graph.nodes
-                        if n is branch or (self.ancestor(skip, n) and self.ancestor(n, branch))
-                    )
-                    found[node] = Residual(node, skip, branch, users, attention)
-                    skips.add(skip)
-                    break
-        for i, r in enumerate(found.values()):
-            r.tau = self._tau(i, r)
-        return found
-
-    def _tau(self, i: int, r: Residual) -> float:
-        tau = self.o.tau
-        if isinstance(tau, float):
-            return tau
-        if tau == "running_mean":
-            return U.residual_tau(i, "running_mean", offset=2)
-        if tau == "match":
-            s, b = self.std(r.skip), self.std(r.branch)
-            if s and b:
-                ratio = b / s
-                return min(max(ratio * ratio / (1 + ratio * ratio), 1e-3), 1 - 1e-3)
-        return self.o.tau_attention if r.attention else self.o.tau_mlp
 
     def stat(self, node: Any) -> Any:
         s = self.stats.get(node) if isinstance(node, fx.Node) else None
@@ -351,6 +301,7 @@ class Converter:
         if node in self.special:
             result = self.special[node](self, node)
             if result is not None:
+                self._record(node, result, "module/pattern/user rule")
                 return result
             return self.unsupported(node)
         if G.is_metadata(node) and any(a in self.absorbed for a in G.node_args(node)):
@@ -362,8 +313,13 @@ class Converter:
             result = rule(self, node)
             if result is not None:
                 self.count(rule.__name__.strip("_"))
+                self._record(node, result, rule.__name__.strip("_"))
                 return result
         return self.unsupported(node)
+
+    def _record(self, node: fx.Node, result: Result, rule: str) -> None:
+        if isinstance(result[0], fx.Node):
+            self.info.ops[result[0].name] = (rule, describe_node(node))
 
     def unsupported(self, node: fx.Node, why: str = "") -> Result:
         """Report ``node``; keep it plain, its live inputs brought back to factor 1 (outputs still match)."""
