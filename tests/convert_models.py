@@ -154,10 +154,12 @@ def minilm_classifier(num_labels: int = 3, seed: int = 0):
     torch.manual_seed(seed)
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the new classifier head is reported as "newly initialised"
+    logging.disable_progress_bar()
     try:
         return BertForSequenceClassification.from_pretrained(str(minilm_dir()), num_labels=num_labels)
     finally:
         logging.set_verbosity(verbosity)
+        logging.enable_progress_bar()
 
 
 def unit_statistics(unit, example: dict, probe_at: str | None = None, seed: int = 5):

@@ -103,14 +103,17 @@ def linear(
     constraint: Constraint = "gmean",
     grad_rows: float | None = None,
     precision: Any = None,
+    fan_out: int | None = None,
 ) -> Tensor:
     """Scaled alpha·x Wᵀ + c, weight (out, in) as in torch (the bias is added after the scale).
 
     alpha = in^-½, beta_input = out^-½, beta_weight = beta_bias = b^-½ with b = numel(input)/in or
     ``grad_rows``. The input is constrained (gmean: alpha = beta_input = (in·out)^-¼); weight, bias cut.
+    ``fan_out`` replaces out where sibling linears read the same input (q, k, v projections): its gradient
+    sums all their outputs' terms, as in one fused linear.
     """
     check_constraint(constraint)
-    return _linear(input, weight, bias, rules.linear_rule, constraint, grad_rows, precision)
+    return _linear(input, weight, bias, rules.linear_rule, constraint, grad_rows, precision, fan_out)
 
 
 def linear_readout(
@@ -120,13 +123,14 @@ def linear_readout(
     *,
     grad_rows: float | None = None,
     precision: Any = None,
+    fan_out: int | None = None,
 ) -> Tensor:
     """alpha·x Wᵀ + c after the last residual block (all edges cut): alpha = in^-½, beta_input = out^-½,
     beta_weight = beta_bias = b^-½, unconstrained."""
-    return _linear(input, weight, bias, rules.readout_rule, None, grad_rows, precision)
+    return _linear(input, weight, bias, rules.readout_rule, None, grad_rows, precision, fan_out)
 
 
-def _linear(input, weight, bias, rule, constraint, grad_rows, precision) -> Tensor:
+def _linear(input, weight, bias, rule, constraint, grad_rows, precision, fan_out=None) -> Tensor:
     if weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"linear: input feature size {input.shape[-1]} does not match weight shape "
@@ -137,7 +141,7 @@ def _linear(input, weight, bias, rule, constraint, grad_rows, precision) -> Tens
             f"linear: bias shape {tuple(bias.shape)} does not match out_features={weight.shape[0]}"
         )
     out_f, in_f = weight.shape
-    alpha, betas = rule(in_f, out_f, _rows(input, in_f, grad_rows)).resolve(constraint)
+    alpha, betas = rule(in_f, fan_out or out_f, _rows(input, in_f, grad_rows)).resolve(constraint)
     return (precision or EXACT).linear(
         input, weight, bias, alpha=alpha, beta_x=betas["input"], beta_w=betas["weight"], beta_b=betas["bias"]
     )

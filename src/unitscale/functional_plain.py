@@ -38,19 +38,19 @@ def matmul(left: Tensor, right: Tensor, *, constraint: Any = "gmean", precision:
     return y * _alpha(rules.matmul_rule(1, 1, 1), constraint)(b=b, m=left.shape[-1], n=n)
 
 
-def _linear(input: Tensor, weight: Tensor, bias: Tensor | None, alpha: rules.Law) -> Tensor:
-    y = F.linear(input, weight) * alpha(fan_in=weight.shape[1], fan_out=weight.shape[0])
+def _linear(input: Tensor, weight: Tensor, bias: Tensor | None, alpha: rules.Law, fan_out: Any) -> Tensor:
+    y = F.linear(input, weight) * alpha(fan_in=weight.shape[1], fan_out=fan_out or weight.shape[0])
     return y if bias is None else y + bias
 
 
-def linear(input, weight, bias=None, *, constraint="gmean", grad_rows=None, precision=None) -> Tensor:
+def linear(input, weight, bias=None, *, constraint="gmean", grad_rows=None, precision=None, fan_out=None):
     """α·x Wᵀ + c."""
-    return _linear(input, weight, bias, _alpha(rules.linear_rule(1, 1, 1), constraint))
+    return _linear(input, weight, bias, _alpha(rules.linear_rule(1, 1, 1), constraint), fan_out)
 
 
-def linear_readout(input, weight, bias=None, *, grad_rows=None, precision=None) -> Tensor:
+def linear_readout(input, weight, bias=None, *, grad_rows=None, precision=None, fan_out=None) -> Tensor:
     """α·x Wᵀ + c, unconstrained."""
-    return _linear(input, weight, bias, _alpha(rules.readout_rule(1, 1, 1), None))
+    return _linear(input, weight, bias, _alpha(rules.readout_rule(1, 1, 1), None), fan_out)
 
 
 def embedding(input, weight, *, grad_rows=None, padding_idx=None) -> Tensor:

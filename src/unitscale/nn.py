@@ -58,6 +58,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.precision: Any = None
         self.grad_rows: float | None = None
+        self.fan_out: int | None = None  # sibling linears reading the same input: see functional.linear
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -68,8 +69,9 @@ class Linear(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if self.readout:
             return U.linear_readout(
-                input, self.weight, self.bias, grad_rows=self.grad_rows, precision=self.precision
-            )
+                input, self.weight, self.bias, grad_rows=self.grad_rows, precision=self.precision,
+                fan_out=self.fan_out,
+            )  # fmt: skip
         return U.linear(
             input,
             self.weight,
@@ -77,6 +79,7 @@ class Linear(nn.Module):
             constraint=self.constraint,
             grad_rows=self.grad_rows,
             precision=self.precision,
+            fan_out=self.fan_out,
         )
 
     def extra_repr(self) -> str:
@@ -93,7 +96,7 @@ class Linear(nn.Module):
         )[0]
         if any(name == "rows" for name, _ in law.exponents):
             raise ValueError(f"linear α {law} depends on the row count: it cannot be folded into the weight")
-        alpha = law(fan_in=self.in_features, fan_out=self.out_features)
+        alpha = law(fan_in=self.in_features, fan_out=self.fan_out or self.out_features)
         plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
         plain.weight = nn.Parameter(self.weight.detach() * alpha, requires_grad=self.weight.requires_grad)
         plain.bias = self.bias

@@ -34,7 +34,7 @@ class _Inliner(fx.Tracer):
             if id(a) not in self.names:  # a tensor the plain form computed (a folded weight)
                 name = f"{self.prefix}_plain_{len(self.attrs)}".replace(".", "_")
                 self.names[id(a)] = name
-                self.attrs[name] = a.detach()
+                self.attrs[name] = a  # kept alive: its id stays its own
             return self.graph.get_attr(self.names[id(a)])
         return super().create_arg(a)
 
@@ -69,7 +69,11 @@ class _Builder:
         )
         with self.graph.inserting_before(node):
             out = fn(*args, **kwargs)
-        return torch.utils._pytree.tree_map(lambda v: v.node if isinstance(v, fx.Proxy) else v, out)
+            # a plain form may hand back a tensor it was given (a parameter through ``scaled``): fetch it
+            return torch.utils._pytree.tree_map(
+                lambda v: v.node if isinstance(v, fx.Proxy) else tracer.create_arg(v) if isinstance(v, Tensor) else v,
+                out,
+            )
 
 
 def _replace(graph: fx.Graph, node: Node, new: Any) -> None:

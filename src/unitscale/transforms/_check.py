@@ -63,16 +63,18 @@ class _Keep(fx.Interpreter):
 
 
 def _probe_loss(outputs: list[Any], seed: int = 0) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    total = None
-    for y in outputs:
-        if isinstance(y, Tensor) and y.is_floating_point() and y.requires_grad:
-            probe = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
-            term = (y * probe).sum()
-            total = term if total is None else total + term
-    if total is None:
+    """A random probe of one output, of the most precise dtype: the scalar one (a loss) if any, else the
+    first. One output:
+    Theorem 5.2 holds for a backward from any single output, not for a mix (a loss and the logits it is
+    computed from get different constants), and the ratio between two uses is the same for every output."""
+    candidates = [y for y in outputs if isinstance(y, Tensor) and y.is_floating_point() and y.requires_grad]
+    if not candidates:
         raise ValueError("unit_scale: the model has no differentiable floating output to calibrate ties on")
-    return total
+    precise = min(torch.finfo(t.dtype).eps for t in candidates)  # HF computes its loss in float32
+    candidates = [t for t in candidates if torch.finfo(t.dtype).eps == precise]
+    y = next((t for t in candidates if t.numel() == 1), candidates[0])
+    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (y * probe.to(y.dtype)).sum()
 
 
 def calibrate_ties(cv: Converter, reference: fx.GraphModule, converted: fx.GraphModule, flat: list) -> None:

@@ -173,26 +173,25 @@ class LinearAt(nn.Module):
 
     def __init__(
         self, *, transposed: bool = False, readout: bool = False, constraint: Constraint = "gmean",
-        grad_rows: float | None = None,
+        grad_rows: float | None = None, fan_out: int | None = None,
     ):  # fmt: skip
         super().__init__()
         self.transposed, self.readout, self.constraint = transposed, readout, constraint
-        self.grad_rows = grad_rows
+        self.grad_rows, self.fan_out = grad_rows, fan_out
         self.precision: Any = None
 
     def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         w = weight.t() if self.transposed else weight
+        kw = {"grad_rows": self.grad_rows, "precision": self.precision, "fan_out": self.fan_out}
         if self.readout:
-            return U.linear_readout(input, w, bias, grad_rows=self.grad_rows, precision=self.precision)
-        return U.linear(
-            input, w, bias, constraint=self.constraint, grad_rows=self.grad_rows, precision=self.precision
-        )
+            return U.linear_readout(input, w, bias, **kw)
+        return U.linear(input, w, bias, constraint=self.constraint, **kw)
 
     def plain_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         w = weight.t() if self.transposed else weight
         if self.readout:
-            return U.linear_readout.plain(input, w, bias)
-        return U.linear.plain(input, w, bias, constraint=self.constraint)
+            return U.linear_readout.plain(input, w, bias, fan_out=self.fan_out)
+        return U.linear.plain(input, w, bias, constraint=self.constraint, fan_out=self.fan_out)
 
     def extra_repr(self) -> str:
         return f"transposed={self.transposed}, readout={self.readout}, constraint={self.constraint!r}"

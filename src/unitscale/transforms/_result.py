@@ -55,6 +55,10 @@ class UnitScaled(fx.GraphModule):
             elif p.kind is not p.VAR_POSITIONAL and value is not p.default:
                 given[name] = value
         given = {k: v for k, v in given.items() if not (v is None and k not in self.unit_inputs)}
+        for name in self.unit_inputs:  # a constant argument left at its default: compared below
+            p = sig.parameters.get(name)
+            if name not in given and p is not None and p.default is not p.empty and p.default is not None:
+                given[name] = p.default
         if set(given) != set(self.unit_inputs):
             raise ValueError(
                 f"{type(self).__name__} was converted for the arguments ({', '.join(self.unit_inputs)}) "
@@ -78,8 +82,10 @@ class UnitScaled(fx.GraphModule):
 
     def recompile(self):
         code = super().recompile()
-        if hasattr(self, "unit_signature"):
-            type(self).forward.__signature__ = self.unit_signature
+        if hasattr(self, "unit_signature"):  # the function's signature, so inspect drops `self` from it
+            params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+            sig = self.unit_signature
+            type(self).forward.__signature__ = sig.replace(parameters=params + list(sig.parameters.values()))
         return code
 
     def __deepcopy__(self, memo: dict[int, Any]) -> UnitScaled:
@@ -96,7 +102,7 @@ _EXTRA = ("unit_signature", "unit_inputs", "_unit_constants", "unit_scale_info",
 
 
 def _leaves(example: dict[str, Any]) -> list[tuple[str, Any]]:
-    flat, _ = pytree.tree_flatten_with_path(((), example))
+    flat, _ = pytree.tree_flatten_with_path(example)
     return [(pytree.keystr(path), value) for path, value in flat]
 
 

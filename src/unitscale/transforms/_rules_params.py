@@ -58,7 +58,9 @@ def linear_like(cv: Converter, node: fx.Node, x: Any, w: Any, b: Any, transposed
     readout = (x, node) in cv.cut
     constraint = cv.o.constraint
     rule = rules.readout_rule if readout else rules.linear_rule
-    alpha = rule(in_f, out_f, 1).resolve(None if readout else constraint)[0]
+    fan_out = _sibling_fan_out(cv, x) or out_f
+    alpha = rule(in_f, fan_out, 1).resolve(None if readout else constraint)[0]
+    siblings = fan_out if fan_out != out_f else None
     cv.unit_init(w, "normal")
     cv.unit_init(b, "zeros")
     owned_w = cv.direct_param(node, w)
@@ -86,10 +88,31 @@ def linear_like(cv: Converter, node: fx.Node, x: Any, w: Any, b: Any, transposed
             in_f, out_f, b is not None, "meta", meta.dtype, constraint=constraint, readout=readout
         )
         _install(cv, path, lin, {"weight": owned_w[1], "bias": owned_b[1] if owned_b else None})
-        lin.grad_rows = grad_rows
+        lin.grad_rows, lin.fan_out = grad_rows, siblings
         return cv.graph.call_module(path, (cv.arg(node, x),), {}), c_out
-    at = LinearAt(transposed=transposed, readout=readout, constraint=constraint, grad_rows=grad_rows)
+    at = LinearAt(transposed=transposed, readout=readout, constraint=constraint, grad_rows=grad_rows,
+                  fan_out=siblings)  # fmt: skip
     return cv.call_new_module(node, at, (cv.arg(node, x), cv.arg(node, w), bias), "linear"), c_out
+
+
+_LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
+
+
+def _sibling_fan_out(cv: Converter, x: Any) -> int | None:
+    """Σ out_features of the linears that read ``x`` (q, k, v projections of one input) when there are
+    several: x's gradient sums all their terms, as for one fused linear (docs/convert.md)."""
+    total, count = 0, 0
+    for user in x.users if isinstance(x, fx.Node) else ():
+        if user.target not in _LINEAR_OPS:
+            continue
+        addmm = user.target is aten.addmm.default
+        w, x_pos = (user.args[2], user.args[1]) if addmm else (user.args[1], user.args[0])
+        meta = as_tensor_meta(w)
+        if x_pos is not x or w not in cv.param_only or meta is None or meta.dim() != 2:
+            continue
+        total += int(meta.shape[0] if user.target is aten.linear.default else meta.shape[1])
+        count += 1
+    return total if count > 1 else None
 
 
 def _output_factor(cv: Converter, node: fx.Node, weight: torch.Tensor, natural: float) -> float:
