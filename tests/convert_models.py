@@ -174,14 +174,22 @@ def unit_statistics(unit, example: dict, probe_at: str | None = None, seed: int 
     class Keep(fx.Interpreter):
         def run_node(self, n):
             value = super().run_node(n)
-            if (n.name in ops or n.name == probe_at) and isinstance(value, torch.Tensor) and value.requires_grad:
+            if (
+                (n.name in ops or n.name == probe_at)
+                and isinstance(value, torch.Tensor)
+                and value.requires_grad
+            ):
                 value.retain_grad()
                 kept[n.name] = value
             return value
 
     flat = unit._unit_inputs((), example)
     out = Keep(unit).run(*flat, enable_io_processing=False)
-    y = kept[probe_at] if probe_at else next(o for o in out if isinstance(o, torch.Tensor) and o.requires_grad)
+    y = (
+        kept[probe_at]
+        if probe_at
+        else next(o for o in out if isinstance(o, torch.Tensor) and o.requires_grad)
+    )
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
     (y * g).sum().backward()
     acts = {

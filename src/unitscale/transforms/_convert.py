@@ -87,6 +87,7 @@ class Converter:
         self.initialised: set[str] = set()
         self.tie_nodes: dict[str, list[fx.Node]] = {}
         self._wrapped: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
+        self.terms: dict[fx.Node, int] = {}  # independent unit terms summed by nested adds (init="unit")
         self.info = Info(dynamic=captured.dynamic)
         self.residuals = find_residuals(self)
         self._residual_of_skip = {r.skip: r for r in self.residuals.values()}

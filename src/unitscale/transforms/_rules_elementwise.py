@@ -120,8 +120,14 @@ def _add(cv: Converter, node: fx.Node) -> Result | None:
         cv.count("rotary")
         return _to_common(cv, node, [a, b])
     ca, cb = cv.c(a), cv.c(b)
-    norm = math.hypot(ca, cb)
     left, right = _broadcast_scaled(cv, node, a, b)
+    if not cv.o.keep:  # a sum of n independent unit terms, as nested adds: every term weighs n^-½
+        na, nb = cv.terms.get(a, 1), cv.terms.get(b, 1)
+        cv.terms[node] = na + nb
+        return cv.call(
+            U.weighted_add, (left, right, math.sqrt(na / (na + nb)), math.sqrt(nb / (na + nb)))
+        ), 1.0
+    norm = math.hypot(ca, cb)
     return cv.call(U.weighted_add, (left, right, cb / norm, ca / norm)), ca * cb / norm
 
 
