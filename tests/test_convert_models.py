@@ -14,10 +14,9 @@ import warnings
 
 import pytest
 import torch
-from convert_models import ResNet, ViT, gpt2, llama, minilm_classifier, trained_batch_norms, unit_statistics
-from torch import nn
 
 import unitscale as us
+from convert_models import ResNet, ViT, gpt2, llama, minilm_classifier, trained_batch_norms, unit_statistics
 from unitscale.export import export, unitscale_references
 
 pytest.importorskip("transformers")
@@ -197,8 +196,8 @@ def test_unit_init_has_unit_activations_and_gradients(name):
     a unit random probe at the last token-level tensor (a classifier's pooled/cls readout sends one
     gradient to many rows: no unit promise there). Where the paper promises no unit scale:
 
-    * attention (ops inside attention modules and the norm feeding one): at init it averages the values of every token, so the
-      tensors and row sums around it are correlated across tokens (BERT's deeper layers), causal masking
+    * attention (ops inside attention modules and the norm feeding one): at init it averages the values of
+      every token, so the tensors and row sums around it are correlated across tokens, causal masking
       makes the output σ ≈ √(ln s), the q/k gradients are the softmax Jacobian's (no rule), GQA sums each
       key/value head's gradient over its group; tested: σ in [0.2, 3] (gradients: × √group), weight
       gradients in [0.2, 6], and a
@@ -240,7 +239,7 @@ def test_unit_init_has_unit_activations_and_gradients(name):
         assert sorted(unit.unit_scale_info.unit_initialised) == ["cls_token", "pos_embed"]
 
 
-# -- low precision ---------------------------------------------------------------------------------------------
+# -- low precision -----------------------------------------------------------------------------------------
 
 
 class _Casts:

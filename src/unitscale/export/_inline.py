@@ -69,11 +69,14 @@ class _Builder:
         )
         with self.graph.inserting_before(node):
             out = fn(*args, **kwargs)
+
             # a plain form may hand back a tensor it was given (a parameter through ``scaled``): fetch it
-            return torch.utils._pytree.tree_map(
-                lambda v: v.node if isinstance(v, fx.Proxy) else tracer.create_arg(v) if isinstance(v, Tensor) else v,
-                out,
-            )
+            def node_of(v: Any) -> Any:
+                if isinstance(v, fx.Proxy):
+                    return v.node
+                return tracer.create_arg(v) if isinstance(v, Tensor) else v
+
+            return torch.utils._pytree.tree_map(node_of, out)
 
 
 def _replace(graph: fx.Graph, node: Node, new: Any) -> None:
