@@ -311,3 +311,23 @@ def test_fp8_training_of_converted_gpt2_on_wikipedia_matches_fp32():
     first, last = curves["fp32"]
     assert last < first - 1.0  # it learned (measured: 4.68 → 2.97)
     assert abs(curves["fp8"][1] - last) <= 0.02 * last, curves
+
+
+def test_finetune_builds_the_hugging_face_classifier_unit_scaled():
+    """`unitscale finetune --model hf-bert --scaling unit`: HF BertForSequenceClassification converted,
+    called as the loop calls a classifier, with the AdamW learning-rate map of every parameter."""
+    from unitscale.train.finetune import FinetuneConfig, build_model, param_groups
+
+    ids, mask = _ids(2, 12, 9, 1000, 20000), torch.ones(2, 12, dtype=torch.long)
+    try:
+        model, _ = build_model(FinetuneConfig(model="hf-bert", scaling="unit"), seed=0, example=(ids, mask))
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    assert type(model.model).__name__ == "UnitBertForSequenceClassification"
+    assert model(ids, mask).shape == (2, 11)
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(model.lr_scales) == sorted(names) and all(n.startswith("model.bert.") or n.startswith(
+        "model.classifier.") for n in names)  # fmt: skip
+    assert len(param_groups(model, 0.01, 1e-4)) == len(names)  # one group per parameter: lr·k, decay/k
+    with pytest.raises(ValueError, match="unknown model 'gpt'; accepted: minilm, hf-bert"):
+        FinetuneConfig(model="gpt")
