@@ -131,6 +131,8 @@ def test_result_is_usable_where_the_original_was(keep):
             unit(example["x"], is_causal=False)
     if name == "resnet":  # one nn.ReLU module called at two sites: a unit relu at each, own factor
         assert unit.unit_scale_info.rules["relu"] == 9
+        kinds = [r.kind for r in us.precision.plan(unit, "fp8")]  # no conv backend: convs are reported
+        assert kinds.count("unreachable") == 10 and kinds.count("linear") == 1
 
 
 def test_export_gives_plain_torch_with_equal_outputs_and_a_torch_export_round_trip(keep):

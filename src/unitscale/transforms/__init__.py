@@ -25,6 +25,7 @@ from unitscale.transforms._convert import Converter, Info, Options
 from unitscale.transforms._modules import (
     AttentionAt,
     BatchNormAt,
+    ConvAt,
     DropoutAt,
     LinearAt,
     MatmulAt,
@@ -40,6 +41,7 @@ __all__ = [
     "NAMED_RULES",
     "AttentionAt",
     "BatchNormAt",
+    "ConvAt",
     "DropoutAt",
     "Info",
     "LinearAt",

@@ -28,6 +28,7 @@ from unitscale.scale import Constraint, scaled
 __all__ = [
     "AttentionAt",
     "BatchNormAt",
+    "ConvAt",
     "DropoutAt",
     "LinearAt",
     "MatmulAt",
@@ -195,6 +196,28 @@ class LinearAt(nn.Module):
 
     def extra_repr(self) -> str:
         return f"transposed={self.transposed}, readout={self.readout}, constraint={self.constraint!r}"
+
+
+class ConvAt(nn.Module):
+    """``functional.conv`` as a module, so that ``precision.plan``/``apply`` see the convolution and report
+    that no backend reaches its matmul (it stays in the compute dtype), instead of missing it."""
+
+    matmul_kind = "unreachable"
+
+    def __init__(self, *, stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
+                 constraint: Constraint = "gmean"):  # fmt: skip
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.constraint = constraint
+        self.precision: Any = None
+
+    def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        args = (self.stride, self.padding, self.dilation, self.groups)
+        return U.conv(input, weight, bias, *args, constraint=self.constraint)
+
+    def plain_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        args = (self.stride, self.padding, self.dilation, self.groups)
+        return U.conv.plain(input, weight, bias, *args, constraint=self.constraint)
 
 
 class DropoutAt(nn.Module):

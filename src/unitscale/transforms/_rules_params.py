@@ -25,7 +25,7 @@ from unitscale import nn as unn
 from unitscale import rules
 from unitscale.transforms._convert import Converter, Result, as_tensor_meta
 from unitscale.transforms._graph import fetch
-from unitscale.transforms._modules import BatchNormAt, LinearAt
+from unitscale.transforms._modules import BatchNormAt, ConvAt, LinearAt
 
 aten = torch.ops.aten
 
@@ -184,8 +184,8 @@ def _conv(cv: Converter, node: fx.Node) -> Result | None:
             with torch.no_grad():
                 owned_b[1].mul_(c_out)
     bias = None if b is None else (cv.arg(node, b) if owned_b else cv.comp(cv.arg(node, b), 1.0, c_out))
-    args = (cv.arg(node, x), cv.arg(node, w), bias, stride, padding, dilation, groups)
-    return cv.call(U.conv, args, {"constraint": constraint}), c_out
+    module = ConvAt(stride=stride, padding=padding, dilation=dilation, groups=groups, constraint=constraint)
+    return cv.call_new_module(node, module, (cv.arg(node, x), cv.arg(node, w), bias), "conv"), c_out
 
 
 # -- embedding -----------------------------------------------------------------------------------------------
