@@ -135,6 +135,10 @@ def verify(cv: Converter, reference: fx.GraphModule, converted: fx.GraphModule, 
               and isinstance(cv.env.get(n), fx.Node) and n not in cv.absorbed}  # fmt: skip
     names = {n.name: n for n in mapped}
     originals: dict[str, Tensor] = {}
+    # A float32 tensor computed from bfloat16 weights carries bfloat16 rounding: the coarsest parameter
+    # dtype bounds the precision of everything.
+    dtypes = {p.dtype for p in converted.parameters() if p.is_floating_point()}
+    coarsest = max((_TOLERANCE.get(d, _HALF_TOLERANCE) for d in dtypes), default=0.0)
     with torch.no_grad():
         EvalSemantics(
             reference, lambda n, v: originals.__setitem__(n.name, _sample(v)) if n.name in names else None
@@ -146,7 +150,7 @@ def verify(cv: Converter, reference: fx.GraphModule, converted: fx.GraphModule, 
         if want is None or got is None or want.shape != got.shape:
             continue
         value = keeper.kept[new]
-        tol = _TOLERANCE.get(value.dtype, _HALF_TOLERANCE)
+        tol = max(_TOLERANCE.get(value.dtype, _HALF_TOLERANCE), coarsest)
         scaled_want = want * cv.c(node)
         finite = torch.isfinite(scaled_want)
         same_specials = torch.equal(finite, torch.isfinite(got)) and torch.equal(
