@@ -8,6 +8,7 @@ op counts a reader can verify from each architecture. Conversions capture at the
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import warnings
@@ -120,6 +121,10 @@ def test_result_is_usable_where_the_original_was(keep):
     assert list(unit.state_dict()) == list(model.state_dict())
     assert inspect.signature(unit.forward) == inspect.signature(model.forward)
     assert not any(p is q for p, q in zip(unit.parameters(), model.parameters()))  # a copy
+    twin = copy.deepcopy(unit)
+    assert type(twin).__name__ == type(unit).__name__ == f"Unit{type(model).__name__}"
+    with torch.no_grad():
+        torch.testing.assert_close(twin(**example), unit(**example), rtol=0, atol=0)
     if hasattr(model, "config"):
         assert unit.config is model.config
     if name == "gpt2":  # tied embedding and readout: one parameter, one gradient constant

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from typing import Any
 
 import torch.fx as fx
@@ -82,18 +83,25 @@ class UnitScaled(fx.GraphModule):
 
     def recompile(self):
         code = super().recompile()
-        if hasattr(self, "unit_signature"):  # the function's signature, so inspect drops `self` from it
+        self._sign_forward()
+        return code
+
+    def _sign_forward(self) -> None:
+        """Give the generated forward the original's signature (with `self`, which inspect drops)."""
+        if "unit_signature" in self.__dict__:
             params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
             sig = self.unit_signature
             type(self).forward.__signature__ = sig.replace(parameters=params + list(sig.parameters.values()))
-        return code
 
     def __deepcopy__(self, memo: dict[int, Any]) -> UnitScaled:
-        res = super().__deepcopy__(memo)
+        with warnings.catch_warnings():  # torch's own deprecation inside deepcopy of pytree specs
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            res = super().__deepcopy__(memo)
         for name in _EXTRA:
             if name in self.__dict__:
                 setattr(res, name, copy.deepcopy(self.__dict__[name], memo))
-        res.recompile()
+        type(res).__name__ = type(self).__name__
+        res._sign_forward()
         return res
 
 
@@ -118,7 +126,10 @@ def build(captured: Captured, model: nn.Module, graph: fx.Graph, install: dict[s
     gm._forward_hooks_always_called.clear()
     for path, module in sorted(install.items(), key=lambda item: item[0].count(".")):
         _set(gm, path, module)
-    gm.__class__ = type(f"Unit{type(model).__name__}", (UnitScaled,), {"__module__": UnitScaled.__module__})
+    # One class per instance, as fx makes them (qualname GraphModuleImpl: copies derive from UnitScaled).
+    cls = type(f"Unit{type(model).__name__}", (UnitScaled,), {"__module__": UnitScaled.__module__})
+    cls.__qualname__ = "GraphModuleImpl"
+    gm.__class__ = cls
     gm.unit_signature = captured.signature
     gm.unit_inputs = tuple(captured.example)
     gm._unit_constants = [
