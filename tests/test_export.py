@@ -25,7 +25,7 @@ import unitscale.export as ux
 import unitscale.functional as U
 import unitscale.nn as unn
 from unitscale import models, precision
-from unitscale.export import export, export_program, power_law, unitscale_references
+from unitscale.export import export, export_program, unitscale_references
 from unitscale.models.bert import BertConfig, BertEncoder
 from unitscale.precision import Recipe
 from unitscale.transforms import unit_scale
@@ -69,27 +69,43 @@ def _plain(gm: nn.Module) -> None:
         assert not type(module).__module__.startswith("unitscale"), type(module)
 
 
-# -- scale laws -------------------------------------------------------------------------------------------
+# -- scale laws (the rules state them; export evaluates them in the graph) -----------------------------------
 
 
 @pytest.mark.parametrize(
-    ("rule", "n", "c", "k"),
+    ("scales", "constraint", "c", "k"),
     [
-        (lambda s: unitscale.rules.attention_rule(s[0]).alpha, 1, math.exp(-0.5), (0.5,)),
-        (lambda s: unitscale.rules.softmax_rule(s[0]).alpha, 1, 1 / math.sqrt(math.e - 1), (1.0,)),
-        (lambda s: unitscale.rules.matmul_rule(*s).resolve("gmean")[0], 3, 1.0, (-1 / 6,) * 3),
-        (lambda s: unitscale.rules.linear_rule(s[0], s[1], s[2]).resolve()[0], 3, 1.0, (-0.25, -0.25, 0.0)),
+        (unitscale.rules.attention_rule(7), None, math.exp(-0.5), {"s": 0.5}),
+        (unitscale.rules.softmax_rule(7), None, 1 / math.sqrt(math.e - 1), {"s": 1.0}),
+        (unitscale.rules.matmul_rule(3, 5, 7), "gmean", 1.0, {"b": -1 / 6, "m": -1 / 6, "n": -1 / 6}),
+        (unitscale.rules.linear_rule(3, 5, 7), "gmean", 1.0, {"fan_in": -0.25, "fan_out": -0.25}),
     ],
 )
-def test_power_law_matches_closed_forms(rule, n, c, k):
-    got_c, got_k = power_law(rule, n)
-    assert got_c == pytest.approx(c, rel=1e-12)
-    assert got_k == pytest.approx(k, abs=1e-12)
+def test_rule_laws_match_closed_forms(scales, constraint, c, k):
+    law = scales.resolve_laws(constraint)[0]
+    assert law.coefficient == pytest.approx(c, rel=1e-12)
+    assert dict(law.exponents) == pytest.approx(k, abs=1e-12)
 
 
-def test_power_law_rejects_other_laws():
-    with pytest.raises(ValueError, match="not a power law"):
-        power_law(lambda s: 1.0 + s[0] ** -0.5, 1)
+@pytest.mark.parametrize("constraint", ["gmean", "to_output", None])
+def test_rule_laws_give_the_rule_at_other_sizes(constraint):
+    """The resolved law, built from the rule at one set of sizes, equals the rule at others."""
+    R = unitscale.rules
+    cases = [
+        (lambda b, m, n: R.matmul_rule(b, m, n), ("b", "m", "n")),
+        (lambda b, m, n: R.linear_rule(b, m, n), ("fan_in", "fan_out", "rows")),
+        (lambda b, m, n: R.add_rule(b, m), ("left", "right", "unused")),
+        (lambda b, m, n: R.softmax_rule(b, 0.7), ("s", "x", "y")),
+        (lambda b, m, n: R.attention_rule(b, 0.1), ("s", "x", "y")),
+    ]
+    for rule, names in cases:
+        alpha_law, beta_laws = rule(2, 3, 5).resolve_laws(constraint)
+        for sizes in ((37, 101, 7), (3, 1000, 250)):
+            alpha, betas = rule(*sizes).resolve(constraint)
+            named = dict(zip(names, sizes))
+            assert alpha_law(**named) == pytest.approx(alpha, rel=1e-12)
+            for name, beta in betas.items():
+                assert beta_laws[name](**named) == pytest.approx(beta, rel=1e-12)
 
 
 # -- exported models equal the unit-scaled ones ---------------------------------------------------------
@@ -318,18 +334,16 @@ def _src(batch_first: bool, batch: int, length: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("init", ["keep", "unit"])
 @pytest.mark.parametrize(("batch_first", "norm_first"), [(True, False), (False, True)])
 def test_converted_transformer_encoder_export(batch_first, norm_first, init):
-    """nn.TransformerEncoder → unit_scale (UnitMultiheadAttention) → export: nn.MultiheadAttention again,
-    equal to the converted model (float64, 1e-10) at the example length and another; with init="keep"
-    equal to the original. init="unit" has no target: the attention α(s) is computed in the graph."""
+    """nn.TransformerEncoder → unit_scale → export: plain torch, equal to the converted model (float64,
+    1e-10) at the example length and another; with init="keep" equal to the original. init="unit" has no
+    target: the attention α(s) is computed in the graph. Converted per argument set (the capture's)."""
     model = _encoder_stack(batch_first, norm_first)
-    x = _src(batch_first, 4, 10, seed=1)
-    unit = unit_scale(model, (x,), init=init)
     pad = torch.zeros(3, 7, dtype=torch.bool)
     pad[0, 5:] = pad[2, 2:] = True  # True = padding, as nn.MultiheadAttention
     for kwargs in ({}, {"src_key_padding_mask": pad}):
-        gm = export(unit, _src(batch_first, 3, 7, seed=3), **kwargs)
+        unit = unit_scale(model, {"src": _src(batch_first, 3, 7, seed=3), **kwargs}, init=init)
+        gm = export(unit)
         _plain(gm)
-        assert sum(type(m) is nn.MultiheadAttention for m in gm.modules()) == 2
         for batch, length in ((4, 10), (3, 7)):
             if kwargs and (batch, length) != (3, 7):
                 continue

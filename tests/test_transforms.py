@@ -1,5 +1,8 @@
 """unit_scale(model): exact function preservation (float64), Theorem 5.2 gradients, unit statistics at
-init, unsupported-op reports, pretrained MiniLM logits."""
+init, unsupported-op reports, pretrained MiniLM logits.
+
+Most conversions capture at the example's sizes (``dynamic=False``: several times faster); the tests that
+run other sizes capture with dynamic sizes, the default."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import unitscale as us
-from unitscale.transforms import MatmulAt, UnitMultiheadAttention
+from unitscale.transforms import LinearAt, MatmulAt
 
 # ---------------------------------------------------------------------------------------- test models
 
@@ -114,7 +117,7 @@ def test_keep_matches_original_in_float64(name, rescale):
     model, args = _case(name)
     model = model.double().eval()
     args = _to64(args)
-    unit = us.unit_scale(model, args, rescale=rescale)
+    unit = us.unit_scale(model, args, rescale=rescale, dynamic=False)
     expected, got = model(*args), unit(*args)
     assert torch.isfinite(got).all()
     # float64: any deviation beyond rounding would be a wrong factor somewhere
@@ -122,17 +125,20 @@ def test_keep_matches_original_in_float64(name, rescale):
 
 
 @pytest.mark.parametrize("name", ["pre_norm", "enc_post_bf", "enc_pre_sf"])
-def test_keep_without_example_inputs_and_at_other_lengths(name):
+def test_keep_at_other_lengths(name):
     model, args = _case(name)
     model = model.double().eval()
-    unit = us.unit_scale(model)  # no example: size-dependent ops keep their plain scale
-    unit_ex = us.unit_scale(model, _to64(args))  # reference sizes from the example, exact at any size
+    unit = us.unit_scale(model, _to64(args))  # reference sizes from the example, exact at any size
     if name == "pre_norm":
         other = (torch.randint(0, 50, (3, 7)),)
     else:
         other = (torch.randn(2, 6, 32, dtype=torch.float64),)
-    for u in (unit, unit_ex):
-        torch.testing.assert_close(u(*other), model(*other), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(unit(*other), model(*other), rtol=1e-10, atol=1e-10)
+
+
+def test_example_inputs_are_required():
+    with pytest.raises(ValueError, match="unit_scale needs example_inputs"):
+        us.unit_scale(_mlp())
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -140,13 +146,16 @@ def test_encoder_padding_mask_and_causal_mask(batch_first):
     model = _perturb(_encoder(False, batch_first)).double().eval()
     x = torch.randn(4, 10, 32, dtype=torch.float64)
     x = x if batch_first else x.transpose(0, 1)
-    unit = us.unit_scale(model, (x,))
     pad = torch.zeros(4, 10, dtype=torch.bool)
     pad[0, 6:] = pad[2, 3:] = True
     causal = torch.ones(10, 10, dtype=torch.bool).triu(1)  # True = masked, as nn.MultiheadAttention
-    both = {"mask": causal, "src_key_padding_mask": pad}
-    for kwargs in ({"src_key_padding_mask": pad}, {"mask": causal}, both):
+    # is_causal given: torch would otherwise compare the mask with a causal one, a data-dependent branch
+    both = {"mask": causal, "src_key_padding_mask": pad, "is_causal": False}
+    for kwargs in ({"src_key_padding_mask": pad}, {"mask": causal, "is_causal": False}, both):
+        unit = us.unit_scale(model, {"src": x, **kwargs}, dynamic=False)  # captured for these arguments
         torch.testing.assert_close(unit(x, **kwargs), model(x, **kwargs), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match=r"converted for the arguments \(src, mask, src_key_padding_mask, "):
+        unit(x, mask=causal)
 
 
 def test_multihead_attention_weights_and_cross_attention():
@@ -164,9 +173,13 @@ def test_multihead_attention_weights_and_cross_attention():
 
     model = Cross().double().eval()
     x, y = torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(3, 7, 8, dtype=torch.float64)
-    unit = us.unit_scale(model, (x, y))
-    assert isinstance(unit.get_submodule("mha"), UnitMultiheadAttention)
-    assert unit.get_submodule("mha").in_proj is None  # q, k, v from different tensors: three projections
+    unit = us.unit_scale(model, (x, y), dynamic=False)
+    # q, k, v from different tensors: three unit projections of slices of in_proj_weight, and out_proj
+    projections = [n for n, m in unit.named_modules() if n.startswith("mha") and isinstance(m, LinearAt)]
+    assert len(projections) == 3 and isinstance(unit.get_submodule("mha.out_proj"), us.nn.Linear)
+    assert not unit.unit_scale_info.unsupported
+    ties = [("kv.bias",), ("kv.weight",), ("mha.in_proj_bias",), ("mha.in_proj_weight",)]
+    assert unit.unit_scale_info.ties == ties  # kv called twice; q, k, v slices of one tensor
     for got, want in zip(unit(x, y), model(x, y), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
@@ -174,25 +187,22 @@ def test_multihead_attention_weights_and_cross_attention():
 # --------------------------------------------------------------------------------- Theorem 5.2 gradients
 
 
-def _param_map(name: str) -> str:
-    return name.replace("in_proj_weight", "in_proj.weight").replace("in_proj_bias", "in_proj.bias")
-
-
 @pytest.mark.parametrize("name", ["pre_norm", "post_norm", "enc_pre_bf", "enc_post_bf", "mlp"])
 def test_gradients_are_original_times_one_constant_per_parameter(name):
     model, args = _case(name)
     model = model.double().eval()
     args = _to64(args)
-    unit = us.unit_scale(model, args)
+    unit = us.unit_scale(model, args, dynamic=False)
     g = torch.Generator().manual_seed(3)
     out = model(*args)
     probe = torch.randn(out.shape, generator=g, dtype=torch.float64)
     (model(*args) * probe).sum().backward()
     (unit(*args) * probe).sum().backward()
     converted = dict(unit.named_parameters())
+    assert list(converted) == [name for name, _ in model.named_parameters()]  # same names, same order
     checked = 0
     for pname, p in model.named_parameters():
-        q = converted[_param_map(pname)]
+        q = converted[pname]
         a, b = p.grad.flatten(), q.grad.flatten()
         assert torch.isfinite(b).all()
         kappa = (a @ b) / (a @ a)
@@ -238,8 +248,8 @@ def test_unit_init_encoder_stack_has_unit_activations_and_gradients(norm_first):
         layers,
         enable_nested_tensor=False,
     )
-    unit = us.unit_scale(standard, init="unit")
     x = torch.randn(8, 64, d, requires_grad=True)
+    unit = us.unit_scale(standard, (x,), init="unit", dynamic=False)
     names = _layer_outputs(unit, norm_first, layers)
     assert len(names) == layers
     stats = _layer_stats(unit, x, names)
@@ -253,7 +263,7 @@ def test_unit_init_encoder_stack_has_unit_activations_and_gradients(norm_first):
 
 def test_unit_init_changes_the_function_but_keep_does_not():
     model, args = _case("pre_norm")
-    unit = us.unit_scale(model, init="unit")
+    unit = us.unit_scale(model, args, init="unit", dynamic=False)
     assert not torch.allclose(unit(*args), model(*args))
 
 
@@ -264,7 +274,7 @@ def test_input_model_is_not_modified_and_state_dict_is_plain():
     model, args = _case("enc_post_bf")
     before = copy.deepcopy(model.state_dict())
     types = [type(m) for m in model.modules()]
-    unit = us.unit_scale(model, args)
+    unit = us.unit_scale(model, args, dynamic=False)
     after = model.state_dict()
     assert types == [type(m) for m in model.modules()]
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -272,7 +282,7 @@ def test_input_model_is_not_modified_and_state_dict_is_plain():
     torch.save(unit.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    fresh = us.unit_scale(model, args)
+    fresh = us.unit_scale(model, args, dynamic=False)
     with torch.no_grad():
         for p in fresh.parameters():
             p.zero_()
@@ -283,7 +293,7 @@ def test_input_model_is_not_modified_and_state_dict_is_plain():
 
 def test_graph_shows_scaled_ops_readout_and_taus():
     model, args = _case("pre_norm")
-    unit = us.unit_scale(model, args)
+    unit = us.unit_scale(model, args, dynamic=False)
     code = unit.code
     for op in ("residual_split", "residual_add", "weighted_add", "softmax_at", "gelu"):
         assert op in code, op
@@ -292,8 +302,10 @@ def test_graph_shows_scaled_ops_readout_and_taus():
     assert not unit.get_submodule("blocks.0.fc1").readout
     taus = [r["tau"] for r in unit.unit_scale_info.residuals]
     assert taus == [0.01, 0.5, 0.01, 0.5]  # attention branches 0.01, MLP branches 0.5
-    assert [r["tau"] for r in us.unit_scale(model, tau=0.2).unit_scale_info.residuals] == [0.2] * 4
-    assert [r["tau"] for r in us.unit_scale(model, tau="running_mean").unit_scale_info.residuals] == [
+    fixed = us.unit_scale(model, args, tau=0.2, dynamic=False)
+    assert [r["tau"] for r in fixed.unit_scale_info.residuals] == [0.2] * 4
+    running = us.unit_scale(model, args, tau="running_mean", dynamic=False)
+    assert [r["tau"] for r in running.unit_scale_info.residuals] == [
         1 / 2,
         1 / 3,
         1 / 4,
@@ -303,7 +315,7 @@ def test_graph_shows_scaled_ops_readout_and_taus():
 
 def test_tau_match_uses_branch_to_skip_ratio():
     model, args = _case("pre_norm")
-    unit = us.unit_scale(model, args, tau="match")
+    unit = us.unit_scale(model, args, tau="match", dynamic=False)
     taus = [r["tau"] for r in unit.unit_scale_info.residuals]
     # independent check on the original model: ratio of σ(branch) to σ(skip) in the first block
     ids = args[0]
@@ -316,11 +328,11 @@ def test_tau_match_uses_branch_to_skip_ratio():
 
 def test_rescale_weights_gives_unit_rms_weights_and_activations_gives_unit_outputs():
     model, args = _case("post_norm")
-    unit = us.unit_scale(model.eval(), args)
+    unit = us.unit_scale(model.eval(), args, dynamic=False)
     for pname, p in unit.named_parameters():
         if p.dim() == 2:
             assert p.pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-5), pname
-    unit = us.unit_scale(model, args, rescale="activations")
+    unit = us.unit_scale(model, args, rescale="activations", dynamic=False)
     names = [n.name for n in unit.graph.nodes if n.op == "call_module" and "fc1" in n.target]
     stats = {}
 
@@ -340,38 +352,78 @@ def test_grad_rows_from_attention_mask_only_on_token_level_ops():
     model, args = _case("pre_norm")
     mask = torch.ones(4, 12, dtype=torch.long)
     mask[0, 8:] = 0
-    unit = us.unit_scale(model, args, attention_mask=mask)
+    unit = us.unit_scale(model, args, attention_mask=mask, dynamic=False)
     assert unit.get_submodule("blocks.0.fc1").grad_rows == 44.0
     assert unit.get_submodule("tok").grad_rows == 44.0
     assert unit.get_submodule("pos").grad_rows is None  # 12 rows looked up, not batch × tokens
+
+
+class Erf(nn.Module):
+    def forward(self, x):
+        return torch.erf(x)
 
 
 class WithUnsupported(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv1d(4, 4, 3, padding=1)
+        self.act = Erf()
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x):
-        return self.fc(torch.erf(self.conv(x).transpose(1, 2)))
+        h = self.act(self.conv(x).transpose(1, 2))
+        return self.fc(h.exp())
 
 
-def test_unsupported_ops_are_listed_by_name_and_path():
+def test_unsupported_ops_are_listed_by_name_path_and_line():
     model = WithUnsupported().double()
     x = torch.randn(2, 4, 6, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"2 op\(s\).*Conv1d at 'conv'.*erf"):
-        us.unit_scale(model, (x,))
-    with pytest.warns(UserWarning, match=r"Conv1d at 'conv'.*erf"):
-        unit = us.unit_scale(model, (x,), strict=False)
+    with pytest.raises(ValueError, match=r"2 op\(s\).*aten.erf.default at 'act' \(test_transforms.py:\d+: "
+                       r"return torch.erf\(x\)\).*aten.exp.default \(node exp\)"):  # fmt: skip
+        us.unit_scale(model, (x,), dynamic=False)
+    with pytest.warns(UserWarning, match=r"erf.*exp"):
+        unit = us.unit_scale(model, (x,), strict=False, dynamic=False)
     torch.testing.assert_close(unit(x), model(x), rtol=1e-10, atol=1e-12)
-    assert unit.unit_scale_info.unsupported == ["Conv1d at 'conv'", "erf (node erf)"]
+    assert [u.split(" ")[0] for u in unit.unit_scale_info.unsupported] == [
+        "aten.erf.default",
+        "aten.exp.default",
+    ]
+    assert unit.unit_scale_info.rules["conv"] == 1  # convolutions have a rule
 
 
-def test_tied_weights_are_reported_not_silently_untied():
-    model = Tiny(pre_norm=True)
+def test_user_rule_for_a_module_and_a_wrong_rule_refused():
+    model = WithUnsupported().double()
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+
+    def erf_rule(site):  # erf is odd and ~linear near 0: keep the plain op at the original scale
+        (c,) = site.factors
+        return (lambda h: torch.erf(h / c)), 1.0
+
+    rules = {Erf: erf_rule, torch.ops.aten.exp: lambda site: (lambda h: torch.exp(h / site.factors[0]), 1.0)}
+    unit = us.unit_scale(model, (x,), rules=rules, dynamic=False)
+    torch.testing.assert_close(unit(x), model(x), rtol=1e-10, atol=1e-12)
+    assert unit.unit_scale_info.rules["user:Erf"] == 1
+    wrong = {Erf: lambda site: (torch.erf, 1.0), torch.ops.aten.exp: rules[torch.ops.aten.exp]}
+    with pytest.raises(ValueError, match=r"would change the model's function at aten.erf.default at 'act'"):
+        us.unit_scale(model, (x,), rules=wrong, dynamic=False)
+
+
+def test_tied_weights_share_one_parameter_with_one_gradient_constant():
+    torch.manual_seed(0)
+    model = Tiny(pre_norm=True).double().eval()
     model.head.weight = model.tok.weight
-    with pytest.raises(ValueError, match=r"Embedding at 'tok'.*Linear at 'head'"):
-        us.unit_scale(model)
+    ids = torch.randint(0, 50, (4, 12))
+    unit = us.unit_scale(model, (ids,), dynamic=False)
+    assert unit.unit_scale_info.ties == [("head.weight", "tok.weight")]
+    assert unit.get_parameter("head.weight") is unit.get_parameter("tok.weight")
+    assert list(unit.state_dict()) == list(model.state_dict())
+    torch.testing.assert_close(unit(ids), model(ids), rtol=1e-10, atol=1e-10)
+    probe = torch.randn(4, 12, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (model(ids) * probe).sum().backward()
+    (unit(ids) * probe).sum().backward()
+    a, b = model.tok.weight.grad.flatten(), unit.get_parameter("tok.weight").grad.flatten()
+    kappa = (a @ b) / (a @ a)
+    assert (b - kappa * a).norm() / b.norm() < 1e-9
 
 
 @pytest.mark.parametrize(
@@ -384,13 +436,13 @@ def test_tied_weights_are_reported_not_silently_untied():
         ({"tau_attention": 0.0}, "tau_attention must lie"),
         ({"constraint": None}, "constraint None not allowed in a residual trunk"),
         ({"constraint": "max"}, "unknown constraint 'max'"),
-        ({"tau": "match"}, "tau='match' need example_inputs"),
+        ({"rules": {"x": 3}}, "rule 3 for 'x' must be callable"),
         ({"grad_rows": -3}, "grad_rows must be a positive number, got -3"),
     ],
 )
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        us.unit_scale(_mlp(), **kwargs)
+        us.unit_scale(_mlp(), torch.randn(4, 16), **kwargs)
 
 
 def test_untraceable_model_raises_value_error():
@@ -402,8 +454,8 @@ def test_untraceable_model_raises_value_error():
         def forward(self, x):
             return self.fc(x) if x.sum() > 0 else x
 
-    with pytest.raises(ValueError, match="torch.fx could not trace Branchy"):
-        us.unit_scale(Branchy())
+    with pytest.raises(ValueError, match="torch.export could not capture Branchy"):
+        us.unit_scale(Branchy(), torch.randn(2, 3))
 
 
 # ------------------------------------------------------------------------------------- pretrained MiniLM
@@ -427,7 +479,7 @@ def test_pretrained_minilm_classifier_logits_match_before_training(minilm):
     texts = ["unit scaling keeps every tensor near one", "hello", "a third, somewhat longer sentence"]
     batch = tokenizer(texts)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    unit = us.unit_scale(model, (ids, mask), tau="match", attention_mask=mask)
+    unit = us.unit_scale(model, (ids, mask), tau="match", attention_mask=mask, dynamic=False)
     with torch.no_grad():
         expected, got = model(ids, mask), unit(ids, mask)
     assert torch.isfinite(got).all()
@@ -436,7 +488,7 @@ def test_pretrained_minilm_classifier_logits_match_before_training(minilm):
     assert not unit.unit_scale_info.unsupported
     assert len(unit.unit_scale_info.residuals) == 2 * encoder.config.num_hidden_layers
     # the encoder alone: hidden states of real (non-padded) tokens
-    unit_enc = us.unit_scale(encoder, (ids, mask))
+    unit_enc = us.unit_scale(encoder, (ids, mask), dynamic=False)
     with torch.no_grad():
         h0, h1 = encoder(ids, mask), unit_enc(ids, mask)
     keep = mask.bool()

@@ -23,10 +23,13 @@ from unitscale.scale import Constraint, check_constraint, scaled
 
 __all__ = [
     "add",
+    "batch_norm",
+    "conv",
     "cross_entropy",
     "dropout",
     "embedding",
     "gelu",
+    "group_norm",
     "layer_norm",
     "linear",
     "linear_readout",
@@ -100,14 +103,17 @@ def linear(
     constraint: Constraint = "gmean",
     grad_rows: float | None = None,
     precision: Any = None,
+    fan_out: int | None = None,
 ) -> Tensor:
     """Scaled alpha·x Wᵀ + c, weight (out, in) as in torch (the bias is added after the scale).
 
     alpha = in^-½, beta_input = out^-½, beta_weight = beta_bias = b^-½ with b = numel(input)/in or
     ``grad_rows``. The input is constrained (gmean: alpha = beta_input = (in·out)^-¼); weight, bias cut.
+    ``fan_out`` replaces out where sibling linears read the same input (q, k, v projections): its gradient
+    sums all their outputs' terms, as in one fused linear.
     """
     check_constraint(constraint)
-    return _linear(input, weight, bias, rules.linear_rule, constraint, grad_rows, precision)
+    return _linear(input, weight, bias, rules.linear_rule, constraint, grad_rows, precision, fan_out)
 
 
 def linear_readout(
@@ -117,13 +123,14 @@ def linear_readout(
     *,
     grad_rows: float | None = None,
     precision: Any = None,
+    fan_out: int | None = None,
 ) -> Tensor:
     """alpha·x Wᵀ + c after the last residual block (all edges cut): alpha = in^-½, beta_input = out^-½,
     beta_weight = beta_bias = b^-½, unconstrained."""
-    return _linear(input, weight, bias, rules.readout_rule, None, grad_rows, precision)
+    return _linear(input, weight, bias, rules.readout_rule, None, grad_rows, precision, fan_out)
 
 
-def _linear(input, weight, bias, rule, constraint, grad_rows, precision) -> Tensor:
+def _linear(input, weight, bias, rule, constraint, grad_rows, precision, fan_out=None) -> Tensor:
     if weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"linear: input feature size {input.shape[-1]} does not match weight shape "
@@ -134,7 +141,7 @@ def _linear(input, weight, bias, rule, constraint, grad_rows, precision) -> Tens
             f"linear: bias shape {tuple(bias.shape)} does not match out_features={weight.shape[0]}"
         )
     out_f, in_f = weight.shape
-    alpha, betas = rule(in_f, out_f, _rows(input, in_f, grad_rows)).resolve(constraint)
+    alpha, betas = rule(in_f, fan_out or out_f, _rows(input, in_f, grad_rows)).resolve(constraint)
     return (precision or EXACT).linear(
         input, weight, bias, alpha=alpha, beta_x=betas["input"], beta_w=betas["weight"], beta_b=betas["bias"]
     )
@@ -475,3 +482,117 @@ def scaled_dot_product_attention(
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return precision.matmul(probs, value, alpha=f / c, beta_a=1 / c, beta_b=f / c)
+
+
+# -- convolution, batch and group norm (ops of converted CNNs) -----------------------------------------
+
+
+def conv(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | str | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    constraint: Constraint = "gmean",
+    grad_rows: float | None = None,
+) -> Tensor:
+    """Scaled N-d convolution (weight (C_out, C_in/g, *kernel)): a linear over each window, by
+    ``rules.conv_rule``: alpha = (C_in/g·K)^-½, beta_input = (C_out/g·K/S)^-½ (K kernel elements, S the
+    stride product: each input element meets ≈ K/S windows), beta_weight = beta_bias = b^-½ with b the
+    output positions N·ΠH_out (or ``grad_rows``). Input constrained; weight and bias cut."""
+    check_constraint(constraint)
+    nd = weight.dim() - 2
+    if nd not in (1, 2, 3) or input.dim() not in (nd + 1, nd + 2):
+        raise ValueError(
+            f"conv: weight {tuple(weight.shape)} and input {tuple(input.shape)} are not a 1/2/3-d conv"
+        )
+    fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    strides = (stride,) * nd if isinstance(stride, int) else tuple(stride)
+    kernel = math.prod(weight.shape[2:])
+    out_f, in_per_group = weight.shape[0], weight.shape[1]
+    batch = input.shape[0] if input.dim() == nd + 2 else 1
+    rows = (
+        grad_rows
+        if grad_rows is not None
+        else batch * _conv_positions(input, weight, strides, padding, dilation)
+    )
+    rows = _rows(input, 1, rows)
+    rule = rules.conv_rule(in_per_group, out_f // groups, kernel, math.prod(strides), rows)
+    alpha, betas = rule.resolve(constraint)
+    # Plain conv on scaled edges (a conv has no backend yet: its matmul stays in the compute dtype).
+    x = scaled(input, 1.0, betas["input"])
+    w = scaled(weight, 1.0, betas["weight"])
+    y = scaled(fn(x, w, None, stride, padding, dilation, groups), alpha, 1.0)
+    if bias is None:
+        return y
+    shape = (1, -1) + (1,) * nd if input.dim() == nd + 2 else (-1,) + (1,) * nd
+    return y + scaled(bias, 1.0, betas["bias"]).reshape(shape)
+
+
+def _conv_positions(input: Tensor, weight: Tensor, strides: tuple, padding: Any, dilation: Any) -> int:
+    """Output positions per sample: Π ⌊(n + 2p − d(k−1) − 1)/s⌋ + 1 over the spatial dims."""
+    nd = weight.dim() - 2
+    sizes, kernel = input.shape[-nd:], weight.shape[2:]
+    if padding == "same":
+        return math.prod(sizes)
+    pads = (
+        (0,) * nd if padding == "valid" else (padding,) * nd if isinstance(padding, int) else tuple(padding)
+    )
+    dils = (dilation,) * nd if isinstance(dilation, int) else tuple(dilation)
+    return math.prod(
+        max((n + 2 * p - d * (k - 1) - 1) // s + 1, 1)
+        for n, p, d, k, s in zip(sizes, pads, dils, kernel, strides, strict=True)
+    )
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    grad_rows: float | None = None,
+) -> Tensor:
+    """Batch norm over the channel dim 1 (``F.batch_norm``): alpha = 1, beta_input = 1, beta_weight =
+    beta_bias = b^-½ with b = numel/C (``rules.layer_norm_rule``: a normalisation with a cut gain and bias).
+    In training mode with running statistics, they are updated as torch does."""
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm needs (N, C, ...) input, got shape {tuple(input.shape)}")
+    r = rules.layer_norm_rule(_rows(input, input.shape[1], grad_rows))
+    w = None if weight is None else scaled(weight, 1.0, r.betas["weight"])
+    c = None if bias is None else scaled(bias, 1.0, r.betas["bias"])
+    return F.batch_norm(input, running_mean, running_var, w, c, training, momentum, eps)
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    grad_rows: float | None = None,
+) -> Tensor:
+    """Group norm (``F.group_norm``): alpha = 1, beta_input = 1, beta_weight = beta_bias = b^-½ with
+    b = numel/C (``rules.layer_norm_rule``)."""
+    if input.dim() < 2:
+        raise ValueError(f"group_norm needs (N, C, ...) input, got shape {tuple(input.shape)}")
+    r = rules.layer_norm_rule(_rows(input, input.shape[1], grad_rows))
+    w = None if weight is None else scaled(weight, 1.0, r.betas["weight"])
+    c = None if bias is None else scaled(bias, 1.0, r.betas["bias"])
+    return F.group_norm(input, num_groups, w, c, eps)
+
+
+# Each op's plain-torch form (inference without unitscale), which unitscale.export inlines.
+from unitscale import functional_plain as _plain  # noqa: E402
+
+for _name in __all__:
+    if hasattr(_plain, _name):
+        globals()[_name].plain = getattr(_plain, _name)

@@ -58,6 +58,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.precision: Any = None
         self.grad_rows: float | None = None
+        self.fan_out: int | None = None  # sibling linears reading the same input: see functional.linear
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -68,8 +69,9 @@ class Linear(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if self.readout:
             return U.linear_readout(
-                input, self.weight, self.bias, grad_rows=self.grad_rows, precision=self.precision
-            )
+                input, self.weight, self.bias, grad_rows=self.grad_rows, precision=self.precision,
+                fan_out=self.fan_out,
+            )  # fmt: skip
         return U.linear(
             input,
             self.weight,
@@ -77,6 +79,7 @@ class Linear(nn.Module):
             constraint=self.constraint,
             grad_rows=self.grad_rows,
             precision=self.precision,
+            fan_out=self.fan_out,
         )
 
     def extra_repr(self) -> str:
@@ -84,6 +87,20 @@ class Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, constraint={self.constraint!r}, readout={self.readout}"
         )
+
+    def to_plain(self) -> nn.Linear:
+        """``nn.Linear`` with weight α·W (α of this module's rule; it must not depend on the row count)."""
+        rule = rules.readout_rule if self.readout else rules.linear_rule
+        law = rule(self.in_features, self.out_features, 1).resolve_laws(
+            None if self.readout else self.constraint
+        )[0]
+        if any(name == "rows" for name, _ in law.exponents):
+            raise ValueError(f"linear α {law} depends on the row count: it cannot be folded into the weight")
+        alpha = law(fan_in=self.in_features, fan_out=self.fan_out or self.out_features)
+        plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        plain.weight = nn.Parameter(self.weight.detach() * alpha, requires_grad=self.weight.requires_grad)
+        plain.bias = self.bias
+        return plain
 
 
 class Embedding(nn.Module):
@@ -117,6 +134,12 @@ class Embedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"
+
+    def to_plain(self) -> nn.Embedding:
+        """``nn.Embedding`` over the same table (α = 1)."""
+        plain = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device="meta")
+        plain.weight = self.weight
+        return plain
 
 
 def _shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -152,6 +175,15 @@ class LayerNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.weight is not None}"
 
+    def to_plain(self) -> nn.LayerNorm:
+        """``nn.LayerNorm`` over the same gain and bias (α = 1)."""
+        affine = self.weight is not None
+        plain = nn.LayerNorm(
+            self.normalized_shape, self.eps, affine, bias=self.bias is not None, device="meta"
+        )
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain
+
 
 class RMSNorm(nn.Module):
     """RMSNorm with gain gradient × b^-½ (gain 1 at init)."""
@@ -176,6 +208,12 @@ class RMSNorm(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         return U.rms_norm(input, self.normalized_shape, self.weight, self.eps, grad_rows=self.grad_rows)
 
+    def to_plain(self) -> nn.RMSNorm:
+        """``nn.RMSNorm`` over the same gain (α = 1)."""
+        plain = nn.RMSNorm(self.normalized_shape, self.eps, self.weight is not None, device="meta")
+        plain.weight = self.weight
+        return plain
+
 
 class _Activation(nn.Module):
     fn = staticmethod(U.relu)
@@ -186,6 +224,10 @@ class _Activation(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         return self.fn(input, constraint=self.constraint, mult=self.mult)
+
+    def plain_forward(self, input: Tensor) -> Tensor:
+        """The forward in plain torch (its op's ``plain`` form), for ``unitscale.export``."""
+        return self.fn.plain(input, constraint=self.constraint, mult=self.mult)
 
     def extra_repr(self) -> str:
         return f"mult={self.mult}, constraint={self.constraint!r}"
@@ -227,6 +269,9 @@ class GELU(_Activation):
     def forward(self, input: Tensor) -> Tensor:
         return U.gelu(input, constraint=self.constraint, mult=self.mult, approximate=self.approximate)
 
+    def plain_forward(self, input: Tensor) -> Tensor:
+        return U.gelu.plain(input, constraint=self.constraint, mult=self.mult, approximate=self.approximate)
+
 
 class Softmax(nn.Module):
     """Unit-scaled softmax over ``dim`` (alpha s/1.31, beta s/1.65)."""
@@ -237,6 +282,9 @@ class Softmax(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         return U.softmax(input, self.dim, constraint=self.constraint, mult=self.mult)
+
+    def plain_forward(self, input: Tensor) -> Tensor:
+        return U.softmax.plain(input, self.dim, constraint=self.constraint, mult=self.mult)
 
 
 class Dropout(nn.Module):
@@ -249,6 +297,9 @@ class Dropout(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         return U.dropout(input, self.p, self.training)
+
+    def plain_forward(self, input: Tensor) -> Tensor:
+        return U.dropout.plain(input, self.p, self.training)
 
 
 _ACTIVATIONS = {"relu": ReLU, "gelu": GELU, "silu": SiLU, "tanh": Tanh, "sigmoid": Sigmoid}

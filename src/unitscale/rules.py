@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,17 +34,84 @@ TABLE_DOC_PATH = "docs/ops.md"
 
 
 @dataclass(frozen=True)
+class Law:
+    """A scale as a power law of named sizes, c · Π n_i^k_i (unit-scaling's ``scale_power``).
+
+    Called with numbers it gives the scale; called with traced sizes (fx proxies) it builds the scale in a
+    graph, which is how ``unitscale.export`` keeps size-dependent scales without re-deriving any rule.
+    """
+
+    coefficient: float = 1.0
+    exponents: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def of(cls, coefficient: float = 1.0, **exponents: float) -> Law:
+        return cls(float(coefficient), tuple(sorted((k, float(v)) for k, v in exponents.items() if v != 0)))
+
+    def __call__(self, **sizes: Any) -> Any:
+        value: Any = self.coefficient
+        for name, k in self.exponents:
+            n = sizes[name]
+            value = value * (n if k == 1 else n**k)
+        return value
+
+
+@dataclass(frozen=True)
 class OpScales:
-    """Ideal factors of one scaled op: y = alpha·f(x), ∂x_i = betas[i]·f_grad(x)_i."""
+    """Ideal factors of one scaled op: y = alpha·f(x), ∂x_i = betas[i]·f_grad(x)_i.
+
+    ``laws`` states the factors that depend on sizes as power laws (key "alpha" or a beta's name); a factor
+    without one is a constant."""
 
     alpha: float
     betas: dict[str, float] = field(default_factory=dict)
     constrained: tuple[str, ...] = ()
     note: str = ""
+    laws: dict[str, Law] = field(default_factory=dict)
+
+    @classmethod
+    def from_laws(
+        cls, laws: dict[str, Law], sizes: dict[str, float], constrained: tuple[str, ...] = (), note: str = ""
+    ) -> OpScales:
+        """The factors at ``sizes`` of an op whose every factor is one of ``laws``."""
+        betas = {name: law(**sizes) for name, law in laws.items() if name != "alpha"}
+        return cls(laws["alpha"](**sizes), betas, constrained, note, dict(laws))
 
     def resolve(self, constraint: Constraint = "gmean") -> tuple[float, dict[str, float]]:
         """The factors actually used under ``constraint`` (see :func:`unitscale.scale.resolve`)."""
         return resolve(self.alpha, self.betas, self.constrained, constraint)
+
+    def law(self, name: str = "alpha") -> Law:
+        """The ideal factor ``name`` as a law (a constant law when it does not depend on sizes)."""
+        return self.laws.get(name) or Law.of(self.alpha if name == "alpha" else self.betas[name])
+
+    def resolve_laws(self, constraint: Constraint = "gmean") -> tuple[Law, dict[str, Law]]:
+        """:meth:`resolve` on laws: the same resolver applied to the coefficients, and to 2^k for the
+        exponent k of each size (a geometric mean of laws multiplies coefficients, averages exponents)."""
+        laws = {name: self.law(name) for name in ("alpha", *self.betas)}
+        coefficient, beta_coefficients = resolve(
+            laws["alpha"].coefficient,
+            {n: laws[n].coefficient for n in self.betas},
+            self.constrained,
+            constraint,
+        )
+        exponents: dict[str, dict[str, float]] = {name: {} for name in laws}
+        for size in sorted({s for law in laws.values() for s, _ in law.exponents}):
+            powers = {name: 2.0 ** dict(law.exponents).get(size, 0.0) for name, law in laws.items()}
+            alpha, betas = resolve(
+                powers["alpha"], {n: powers[n] for n in self.betas}, self.constrained, constraint
+            )
+            for name, value in (("alpha", alpha), *betas.items()):
+                exponents[name][size] = _snap(math.log2(value))
+        return Law.of(coefficient, **exponents["alpha"]), {
+            n: Law.of(beta_coefficients[n], **exponents[n]) for n in self.betas
+        }
+
+
+def _snap(k: float) -> float:
+    """Exponents of the compendium are multiples of 1/24 (¼, ⅙ and their combinations)."""
+    snapped = round(k * 24) / 24
+    return snapped if abs(k - snapped) < 1e-12 else k
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -81,8 +149,9 @@ def matmul_rule(b: float, m: int, n: float) -> OpScales:
     broadcasting they include the broadcast batch size). Both inputs are constrained: gmean (b·m·n)^-⅙.
     """
     b, m, n = _positive("b", b), _positive_int("m", m), _positive("n", n)
-    return OpScales(
-        m**-0.5, {"left": n**-0.5, "right": b**-0.5}, ("left", "right"), "both inputs activations (QKᵀ, PV)"
+    laws = {"alpha": Law.of(m=-0.5), "left": Law.of(n=-0.5), "right": Law.of(b=-0.5)}
+    return OpScales.from_laws(
+        laws, {"b": b, "m": m, "n": n}, ("left", "right"), "both inputs activations (QKᵀ, PV)"
     )
 
 
@@ -95,12 +164,10 @@ def linear_rule(
     """
     fan_in, fan_out = _positive_int("fan_in", fan_in), _positive_int("fan_out", fan_out)
     rows, e = _positive("rows", rows), _check_exponent(weight_grad_exponent)
-    return OpScales(
-        fan_in**-0.5,
-        {"input": fan_out**-0.5, "weight": rows**-e, "bias": rows**-e},
-        ("input",),
-        "weight and bias edges are cut",
-    )
+    laws = {"alpha": Law.of(fan_in=-0.5), "input": Law.of(fan_out=-0.5), "weight": Law.of(rows=-e),
+            "bias": Law.of(rows=-e)}  # fmt: skip
+    sizes = {"fan_in": fan_in, "fan_out": fan_out, "rows": rows}
+    return OpScales.from_laws(laws, sizes, ("input",), "weight and bias edges are cut")
 
 
 def readout_rule(
@@ -108,7 +175,25 @@ def readout_rule(
 ) -> OpScales:
     """Linear after the last residual block: the linear rule with every edge cut (unconstrained)."""
     r = linear_rule(fan_in, fan_out, rows, weight_grad_exponent=weight_grad_exponent)
-    return OpScales(r.alpha, r.betas, (), "all edges cut: unconstrained")
+    return OpScales(r.alpha, r.betas, (), "all edges cut: unconstrained", r.laws)
+
+
+def conv_rule(
+    in_per_group: int,
+    out_per_group: int,
+    kernel: int,
+    stride: int,
+    rows: float,
+    *,
+    weight_grad_exponent: float = WEIGHT_GRAD_EXPONENT,
+) -> OpScales:
+    """Convolution as a linear over each window of ``kernel`` elements: fan-in C_in/g·K; an input element
+    meets ≈ K/S windows (S = stride product), so its gradient sums C_out/g·K/S terms; ``rows`` output
+    positions. alpha = (C_in/g·K)^-½, beta_input = (C_out/g·K/S)^-½, beta_weight = beta_bias = rows^-e."""
+    k, s = _positive_int("kernel", kernel), _positive_int("stride", stride)
+    fan_in = _positive_int("in_per_group", in_per_group) * k
+    fan_out = max(round(_positive_int("out_per_group", out_per_group) * k / s), 1)
+    return linear_rule(fan_in, fan_out, rows, weight_grad_exponent=weight_grad_exponent)
 
 
 def sum_rule(n: int) -> OpScales:
@@ -190,9 +275,9 @@ def softmax_rule(s: int, mult: float = 1.0) -> OpScales:
     Input constrained: gmean ≈ s/1.47.
     """
     s, mult = _positive_int("s", s), _positive("mult", mult)
-    alpha = s / math.sqrt(math.expm1(mult * mult))
-    beta = s / (mult * math.exp(mult * mult / 2))
-    return OpScales(alpha, {"input": beta}, ("input",), "exact large-s values of the log-normal model")
+    laws = {"alpha": Law.of(1 / math.sqrt(math.expm1(mult * mult)), s=1),
+            "input": Law.of(1 / (mult * math.exp(mult * mult / 2)), s=1)}  # fmt: skip
+    return OpScales.from_laws(laws, {"s": s}, ("input",), "exact large-s values of the log-normal model")
 
 
 def cross_entropy_rule(num_classes: int) -> OpScales:
@@ -236,11 +321,9 @@ def add_rule(left_broadcast: float = 1.0, right_broadcast: float = 1.0) -> OpSca
     """x + y: alpha = 2^-½, beta_i = (broadcast factor_i)^-½ (a broadcast input's gradient sums that many
     unit terms). Both constrained: gmean 2^-⅙ for equal shapes. Prefer :func:`weighted_add_rule`."""
     lb, rb = _positive("left_broadcast", left_broadcast), _positive("right_broadcast", right_broadcast)
-    return OpScales(
-        2**-0.5,
-        {"left": lb**-0.5, "right": rb**-0.5},
-        ("left", "right"),
-        "recipe step 4 replaces it by a weighted add",
+    laws = {"alpha": Law.of(2**-0.5), "left": Law.of(left=-0.5), "right": Law.of(right=-0.5)}
+    return OpScales.from_laws(
+        laws, {"left": lb, "right": rb}, ("left", "right"), "recipe step 4 replaces it by a weighted add"
     )
 
 
@@ -304,12 +387,10 @@ def attention_rule(s: int, dropout_p: float = 0.0) -> OpScales:
     s = _positive_int("s", s)
     if not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must lie in [0, 1), got dropout_p={dropout_p!r}")
-    f = math.sqrt(s / math.e * (1 - dropout_p))
-    return OpScales(
-        f,
-        {"query": f, "key": f, "value": f},
-        ("query", "key", "value"),
-        "pair with a small attention τ (0.01)",
+    law = Law.of(math.sqrt((1 - dropout_p) / math.e), s=0.5)
+    laws = {"alpha": law, "query": law, "key": law, "value": law}
+    return OpScales.from_laws(
+        laws, {"s": s}, ("query", "key", "value"), "pair with a small attention τ (0.01)"
     )
 
 

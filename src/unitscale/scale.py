@@ -94,3 +94,16 @@ def shared(param: Tensor, uses: int) -> Tensor:
     if isinstance(uses, bool) or not isinstance(uses, int) or uses < 1:
         raise ValueError(f"a shared parameter needs uses >= 1, got uses={uses!r}")
     return scaled(param, 1.0, uses**-0.5)
+
+
+def _plain_scaled(x: Tensor, fwd: float = 1.0, bwd: float = 1.0) -> Tensor:
+    """``scaled``'s forward in plain torch (what an exported model computes)."""
+    return x * fwd if fwd != 1.0 else x
+
+
+def _plain_shared(param: Tensor, uses: int) -> Tensor:
+    return param
+
+
+scaled.plain = _plain_scaled  # type: ignore[attr-defined]
+shared.plain = _plain_shared  # type: ignore[attr-defined]

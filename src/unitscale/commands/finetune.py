@@ -18,6 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision", default=d.precision, help=f"recipe, one of {', '.join(RECIPE_NAMES)} (default fp32)"
     )
     parser.add_argument("--scaling", default=d.scaling, choices=("standard", "unit"))
+    parser.add_argument(
+        "--model",
+        default=d.model,
+        choices=("minilm", "hf-bert"),
+        help="minilm: our BERT encoder + mean pooling (default); hf-bert: Hugging Face "
+        "BertForSequenceClassification from the same weights (needs transformers)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
     parser.add_argument(
         "--epochs", type=float, default=d.epochs, help=f"passes over the training set ({d.epochs})"
@@ -55,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     config = FinetuneConfig(
         precision=args.precision,
         scaling=args.scaling,
+        model=args.model,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

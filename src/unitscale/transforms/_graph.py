@@ -1,58 +1,46 @@
-"""Graph side of the conversion: tracing, and the facts the rules need about each fx node.
+"""Facts the conversion needs about each node of a captured (ATen) graph.
 
-* ``live``: the node depends on a trainable parameter (masks, positions, sizes and raw inputs do not;
-  they pass through the conversion unchanged, factor 1).
+* ``live``: the node depends on a trainable parameter (masks, positions, sizes, raw inputs and buffers do
+  not; they pass through the conversion unchanged, factor 1);
 * ancestors (as bit sets), to tell a residual ``skip + f(skip)`` from an add of independent tensors;
-* cut edges: an edge u → v is cut when removing it disconnects the undirected graph of live nodes and the
-  output (a bridge, found by Tarjan's algorithm); ops consuming only cut edges may be unconstrained
-  (REFERENCE §1.3);
-* example statistics (shape, σ in float64) of every node, recorded by running the original graph.
+* cut edges: an edge u → v between activations is cut when removing it disconnects the undirected graph of
+  live nodes and the output (a bridge, found by Tarjan's algorithm); an op whose live inputs all arrive over
+  cut edges may be unconstrained (docs/theory.md, constraints). Parameters are left out of this graph:
+  a parameter's edges are cut by definition, and a parameter used by several ops (a tie) gets one gradient
+  constant by the tie rule of the conversion, not by constraining the activations between its uses.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import Tensor, nn
+from torch import nn
 
-from unitscale.transforms._modules import UnitMultiheadAttention
+aten = torch.ops.aten
 
-# Module types converted by a module rule (kept whole as fx leaves).
-LEAF_TYPES: tuple[type, ...] = (
-    nn.Linear,
-    nn.Embedding,
-    nn.LayerNorm,
-    nn.Dropout,
-    nn.MultiheadAttention,
-    nn.ReLU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.Softmax,
-    nn.Identity,
-    nn.Flatten,
-)
-METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"})
-METADATA_METHODS = frozenset({"size", "dim", "numel", "type", "get_device"})
+# Ops whose result depends only on their inputs' sizes, dtypes or devices (never on values).
+METADATA_OPS = frozenset({
+    aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.sym_storage_offset.default,
+    aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+    aten.sym_constrain_range_for_size.default,
+})  # fmt: skip
 
 
-class UnitTracer(fx.Tracer):
-    """Leaves: the convertible module types, and any other parameter-free-of-children torch.nn / unitscale
-    module (so that unsupported ones, e.g. nn.Conv2d, appear by name). Containers are traced through."""
+# Ops that only rearrange, select or re-type values: a parameter seen through them is still that parameter.
+VIEW_OPS = frozenset({
+    aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.permute, aten.t, aten.expand,
+    aten.expand_as, aten.slice, aten.select, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind,
+    aten.narrow, aten.unsqueeze, aten.squeeze, aten.flatten, aten.unflatten, aten.contiguous, aten.clone,
+    aten.alias, aten.to, aten._to_copy, aten.detach, operator.getitem,
+})  # fmt: skip
 
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (*LEAF_TYPES, UnitMultiheadAttention)):
-            return True
-        origin = type(m).__module__
-        if origin.startswith(("unitscale.nn", "unitscale.precision")):
-            return True  # already unit-scaled / quantised: reported, never converted twice
-        return origin.startswith("torch.nn") and not isinstance(
-            m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-        )
+
+def is_view(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "overloadpacket", node.target) in VIEW_OPS
 
 
 def node_args(node: fx.Node) -> Iterator[fx.Node]:
@@ -62,38 +50,37 @@ def node_args(node: fx.Node) -> Iterator[fx.Node]:
     return iter(found)
 
 
-def is_metadata(node: fx.Node) -> bool:
-    """Ops returning sizes / dtypes / devices: never live, whatever their input."""
-    if node.op == "call_function" and node.target is getattr:
-        return node.args[1] in METADATA_ATTRS
-    return node.op == "call_method" and node.target in METADATA_METHODS
-
-
-def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes that depend on a trainable parameter."""
-    modules = dict(gm.named_modules())
-    live: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op == "output" or is_metadata(node):
-            continue
-        if node.op == "get_attr":
-            value = _fetch(gm, node.target)
-            if isinstance(value, nn.Parameter) and value.requires_grad:
-                live.add(node)
-            continue
-        if node.op == "call_module" and any(p.requires_grad for p in modules[node.target].parameters()):
-            live.add(node)
-            continue
-        if any(a in live for a in node_args(node)):
-            live.add(node)
-    return live
-
-
-def _fetch(root: nn.Module, target: str) -> Any:
+def fetch(root: nn.Module, target: str) -> Any:
     obj: Any = root
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def is_metadata(node: fx.Node) -> bool:
+    """Nodes returning sizes / asserting dtypes: never live, whatever their input."""
+    if node.op == "call_function":
+        return node.target in METADATA_OPS or node.target is getattr
+    return node.op == "call_module"  # the captured graph's only module call is its guard function
+
+
+def is_param(gm: fx.GraphModule, node: Any) -> bool:
+    """``node`` fetches a trainable parameter."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return False
+    value = fetch(gm, node.target)
+    return isinstance(value, nn.Parameter) and value.requires_grad
+
+
+def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes that depend on a trainable parameter."""
+    live: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "output" or is_metadata(node):
+            continue
+        if is_param(gm, node) or any(a in live for a in node_args(node)):
+            live.add(node)
+    return live
 
 
 def ancestors(graph: fx.Graph) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
@@ -109,8 +96,9 @@ def ancestors(graph: fx.Graph) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
 
 
 def cut_edges(graph: fx.Graph, live: set[fx.Node]) -> set[tuple[fx.Node, fx.Node]]:
-    """Pairs (u, v) whose single edge u → v is a bridge of the undirected graph of live nodes + output."""
-    nodes = [n for n in graph.nodes if n in live or n.op == "output"]
+    """Pairs (u, v) whose single edge u → v is a bridge of the undirected graph of live activations
+    (parameter fetches left out) and the output."""
+    nodes = [n for n in graph.nodes if (n in live and n.op != "get_attr") or n.op == "output"]
     pos = {n: i for i, n in enumerate(nodes)}
     edges: list[tuple[int, int]] = []
     count: dict[tuple[fx.Node, fx.Node], int] = {}
@@ -157,46 +145,7 @@ def _bridges(n: int, edges: list[tuple[int, int]]) -> set[int]:
     return out
 
 
-def summarise(value: Any) -> Any:
-    """(shape, σ) of a tensor (σ in float64, None when not floating), recursively for tuples/lists."""
-    if isinstance(value, Tensor):
-        std = None
-        if value.is_floating_point() and value.numel() > 1:
-            v = value.detach().double()
-            std = float(v[torch.isfinite(v)].std()) if torch.isfinite(v).any() else None
-        return (tuple(value.shape), std)
-    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
-        return tuple(summarise(v) for v in value)
-    return None
-
-
-class Recorder(fx.Interpreter):
-    """Runs the original graph on example inputs, keeping each node's :func:`summarise`."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.stats: dict[fx.Node, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        self.stats[n] = summarise(result)
-        return result
-
-
-def record(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict[fx.Node, Any]:
-    """Per-node example statistics; kwargs are matched to placeholders by name."""
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    unknown = sorted(set(kwargs) - set(names))
-    if unknown:
-        raise ValueError(f"example inputs {unknown} are not arguments of the model; accepted: {names}")
-    full = list(args)
-    for name in names[len(args) :]:
-        if name in kwargs:
-            full.append(kwargs[name])
-        else:
-            default = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == name).args
-            full.append(default[0] if default else None)
-    rec = Recorder(gm)
-    with torch.no_grad():
-        rec.run(*full)
-    return rec.stats
+def as_tensor_meta(node: Any) -> torch.Tensor | None:
+    """The fake tensor torch.export recorded for ``node`` (shape with symbolic sizes, dtype)."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None

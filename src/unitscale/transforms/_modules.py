@@ -1,4 +1,4 @@
-"""Modules and ops that converted graphs call: unit attention, and unit ops whose α depends on sizes.
+"""Modules and ops that converted graphs call.
 
 A converted model keeps, for every tensor, a *static* factor c = converted / original, so weights can absorb
 it. Softmax, activation-activation matmuls and SDPA have an α that depends on run-time sizes (softmax width,
@@ -6,6 +6,10 @@ key length); the ``*_at`` ops below therefore run the unit op and then a compens
 with k = target / α(run-time sizes), so the output factor is the static ``target`` at every size (the α of
 the reference sizes seen at conversion). A compensation with forward = backward factor is legal on any
 edge (it keeps Theorem 5.2). ``target=None`` skips it: the plain unit op (``init="unit"``).
+
+Matmuls and ops whose behaviour follows ``.train()``/``.eval()`` (dropout, attention dropout, batch norm)
+are modules, placed at the path of the code they came from: ``precision.apply`` reaches the matmuls (their
+``precision``), recipe overrides name them, and the training flag is read at run time.
 """
 
 from __future__ import annotations
@@ -14,19 +18,20 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unitscale import functional as U
 from unitscale import rules
-from unitscale.nn import Linear
 from unitscale.scale import Constraint, scaled
 
 __all__ = [
     "AttentionAt",
+    "BatchNormAt",
+    "ConvAt",
+    "DropoutAt",
+    "LinearAt",
     "MatmulAt",
-    "TraceableTransformerEncoder",
-    "TraceableTransformerEncoderLayer",
-    "UnitMultiheadAttention",
     "attention_at",
     "matmul_at",
     "softmax_at",
@@ -61,6 +66,17 @@ def matmul_at(
     return _compensate(y, target, U.matmul_scales(left.shape, right.shape, constraint)[0])
 
 
+def _repeat_heads(query: Tensor, kv: Tensor) -> Tensor:
+    """Grouped-query attention: each key/value head serves ``heads(q)/heads(kv)`` query heads."""
+    if query.dim() < 3 or kv.shape[-3] == query.shape[-3]:
+        return kv
+    if query.shape[-3] % kv.shape[-3]:
+        raise ValueError(
+            f"attention: {query.shape[-3]} query heads are not a multiple of {kv.shape[-3]} kv heads"
+        )
+    return kv.repeat_interleave(query.shape[-3] // kv.shape[-3], dim=-3)
+
+
 def attention_at(
     query: Tensor,
     key: Tensor,
@@ -69,13 +85,17 @@ def attention_at(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
+    enable_gqa: bool = False,
     *,
     logit_factor: float = 1.0,
     target: float | None,
     precision: Any = None,
 ) -> Tensor:
     """Unit SDPA on q, k carrying factors c_q, c_k: the logit scale (1/√d or ``scale``) is multiplied by
-    ``logit_factor`` = 1/(c_q·c_k), so the logits equal the original's; output factor c_v·``target``."""
+    ``logit_factor`` = 1/(c_q·c_k), so the logits equal the original's; output factor c_v·``target``.
+    With ``enable_gqa`` each key/value head is repeated for its group of query heads."""
+    if enable_gqa:
+        key, value = _repeat_heads(query, key), _repeat_heads(query, value)
     base = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
     y = U.scaled_dot_product_attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale=base * logit_factor, precision=precision
@@ -99,13 +119,17 @@ class MatmulAt(nn.Module):
         p = self.precision
         return matmul_at(left, right, constraint=self.constraint, target=self.target, precision=p)
 
+    def plain_forward(self, left: Tensor, right: Tensor) -> Tensor:
+        return matmul_at.plain(left, right, constraint=self.constraint, target=self.target)
+
     def extra_repr(self) -> str:
         return f"constraint={self.constraint!r}, target={self.target}"
 
 
 class AttentionAt(nn.Module):
     """``attention_at`` as a module (same arguments as ``F.scaled_dot_product_attention``), so that
-    ``precision.apply`` reaches its QKᵀ and PV matmuls; converted graphs call it in place of SDPA."""
+    ``precision.apply`` reaches its QKᵀ and PV matmuls; converted graphs call it in place of SDPA. The
+    captured dropout probability applies in training mode only."""
 
     matmul_kind = "attention"
 
@@ -123,204 +147,167 @@ class AttentionAt(nn.Module):
         dropout_p: float = 0.0,
         is_causal: bool = False,
         scale: float | None = None,
+        enable_gqa: bool = False,
     ) -> Tensor:
+        p = dropout_p if self.training else 0.0
         return attention_at(
-            query, key, value, attn_mask, dropout_p, is_causal, scale,
+            query, key, value, attn_mask, p, is_causal, scale, enable_gqa,
             logit_factor=self.logit_factor, target=self.target, precision=self.precision,
         )  # fmt: skip
+
+    def plain_forward(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                      enable_gqa=False) -> Tensor:  # fmt: skip
+        p = dropout_p if self.training else 0.0
+        return attention_at.plain(query, key, value, attn_mask, p, is_causal, scale, enable_gqa,
+                                  logit_factor=self.logit_factor, target=self.target)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"logit_factor={self.logit_factor:.6g}, target={self.target}"
 
 
-def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """nn.MultiheadAttention convention (bool True = *masked*) → additive float mask."""
-    if mask is None or mask.dtype != torch.bool:
-        return None if mask is None else mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+class LinearAt(nn.Module):
+    """A unit linear whose weight (and bias) arrive as inputs: a parameter used by several ops (tied
+    embedding/readout, a module called twice), a slice of a parameter, or a weight stored (in, out) as in
+    GPT-2's ``Conv1D`` (``transposed``). Same maths as ``unitscale.nn.Linear``."""
 
-
-class UnitMultiheadAttention(nn.Module):
-    """Drop-in for ``nn.MultiheadAttention`` (same call signature and outputs) from unit linears + unit SDPA.
-
-    q, k, v = unit projections (one fused d → 3d Linear for self-attention, as ``nn.MultiheadAttention``
-    stores them) carrying factor ``c_in_proj``; logits use ``logit_factor`` = 1/c² so they equal the
-    original's; the SDPA output factor is pinned to ``target`` and absorbed by ``out_proj``'s weight.
-    ``need_weights`` returns the original (plain) attention probabilities, recomputed from the same logits.
-    """
-
-    matmul_kind = "attention"
+    matmul_kind = "linear"
 
     def __init__(
-        self,
-        embed_dim: int,
-        num_heads: int,
-        *,
-        in_proj: Linear | None,
-        q_proj: Linear | None = None,
-        k_proj: Linear | None = None,
-        v_proj: Linear | None = None,
-        out_proj: Linear,
-        dropout: float = 0.0,
-        batch_first: bool = False,
-        logit_factor: float = 1.0,
-        target: float | None = None,
-    ):
+        self, *, transposed: bool = False, readout: bool = False, constraint: Constraint = "gmean",
+        grad_rows: float | None = None, fan_out: int | None = None,
+    ):  # fmt: skip
         super().__init__()
-        self.embed_dim, self.num_heads, self.dropout, self.batch_first = (
-            embed_dim,
-            num_heads,
-            dropout,
-            batch_first,
-        )
-        self.in_proj, self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-            in_proj,
-            q_proj,
-            k_proj,
-            v_proj,
-            out_proj,
-        )
-        self.logit_factor, self.target = logit_factor, target
+        self.transposed, self.readout, self.constraint = transposed, readout, constraint
+        self.grad_rows, self.fan_out = grad_rows, fan_out
         self.precision: Any = None
 
-    def _heads(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+    def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        w = weight.t() if self.transposed else weight
+        kw = {"grad_rows": self.grad_rows, "precision": self.precision, "fan_out": self.fan_out}
+        if self.readout:
+            return U.linear_readout(input, w, bias, **kw)
+        return U.linear(input, w, bias, constraint=self.constraint, **kw)
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        key_padding_mask: Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
-        unbatched = query.dim() == 2
-        if unbatched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
-        if not self.batch_first or unbatched:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        if self.in_proj is not None:
-            q, k, v = self.in_proj(query).chunk(3, dim=-1)
-        else:
-            q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        batch, heads, length, src = q.shape[0], self.num_heads, q.shape[-2], k.shape[-2]
-        mask = _float_mask(attn_mask, q.dtype)
-        if mask is not None and mask.dim() == 3:
-            mask = mask.view(batch, heads, length, src)
-        pad = _float_mask(key_padding_mask, q.dtype)
-        if pad is not None:
-            pad = pad.view(batch, 1, 1, src)
-            mask = pad if mask is None else mask + pad
-        causal = is_causal and mask is None
-        p = self.dropout if self.training else 0.0
-        y = attention_at(
-            q,
-            k,
-            v,
-            mask,
-            p,
-            causal,
-            logit_factor=self.logit_factor,
-            target=self.target,
-            precision=self.precision,
-        )
-        out = self.out_proj(y.transpose(1, 2).flatten(2))
-        out = out.squeeze(0) if unbatched else out if self.batch_first else out.transpose(0, 1)
-        if not need_weights:
-            return out, None
-        weights = self._weights(q, k, mask, causal)
-        weights = weights.mean(1) if average_attn_weights else weights
-        return out, weights.squeeze(0) if unbatched else weights
-
-    def _weights(self, q: Tensor, k: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        logits = (q @ k.transpose(-1, -2)) * (self.logit_factor / math.sqrt(q.shape[-1]))
-        if causal:
-            keep = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).tril()
-            logits = logits.masked_fill(~keep, float("-inf"))
-        return torch.softmax(logits if mask is None else logits + mask, dim=-1)
+    def plain_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        w = weight.t() if self.transposed else weight
+        if self.readout:
+            return U.linear_readout.plain(input, w, bias, fan_out=self.fan_out)
+        return U.linear.plain(input, w, bias, constraint=self.constraint, fan_out=self.fan_out)
 
     def extra_repr(self) -> str:
-        return (
-            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
-            f"batch_first={self.batch_first}, logit_factor={self.logit_factor:.6g}, target={self.target}"
-        )
+        return f"transposed={self.transposed}, readout={self.readout}, constraint={self.constraint!r}"
 
 
-class TraceableTransformerEncoderLayer(nn.Module):
-    """``nn.TransformerEncoderLayer``'s maths without its fast-path checks (which defeat torch.fx), over the
-    very same submodules, so parameter names are unchanged."""
+class ConvAt(nn.Module):
+    """``functional.conv`` as a module, so that ``precision.plan``/``apply`` see the convolution and report
+    that no backend reaches its matmul (it stays in the compute dtype), instead of missing it."""
 
-    def __init__(self, layer: nn.TransformerEncoderLayer):
+    matmul_kind = "unreachable"
+
+    def __init__(self, *, stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
+                 constraint: Constraint = "gmean"):  # fmt: skip
         super().__init__()
-        for name in ("self_attn", "linear1", "dropout", "linear2", "norm1", "norm2", "dropout1", "dropout2"):
-            setattr(self, name, getattr(layer, name))
-        self.activation = layer.activation
-        self.norm_first = layer.norm_first
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.constraint = constraint
+        self.precision: Any = None
+
+    def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        args = (self.stride, self.padding, self.dilation, self.groups)
+        return U.conv(input, weight, bias, *args, constraint=self.constraint)
+
+    def plain_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        args = (self.stride, self.padding, self.dilation, self.groups)
+        return U.conv.plain(input, weight, bias, *args, constraint=self.constraint)
+
+
+class DropoutAt(nn.Module):
+    """Dropout with probability ``p`` in training mode, identity in eval mode. ``unit``: the unit op
+    (α = β = √(1−p)); otherwise torch's (the converted model keeps the original's scale, ``init="keep"``)."""
+
+    def __init__(self, p: float, *, unit: bool = False):
+        super().__init__()
+        rules.dropout_rule(p)
+        self.p, self.unit = p, unit
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.unit:
+            return U.dropout(input, self.p, self.training)
+        return F.dropout(input, self.p, self.training)
+
+    def plain_forward(self, input: Tensor) -> Tensor:
+        if self.unit:
+            return U.dropout.plain(input, self.p, self.training)
+        return F.dropout(input, self.p, self.training) if self.training else input
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, unit={self.unit}"
+
+
+class BatchNormAt(nn.Module):
+    """Unit batch norm (``functional.batch_norm``): batch statistics in training mode (updating the
+    running ones, which the caller passes in), running statistics in eval mode, as ``nn.BatchNorm``."""
+
+    def __init__(self, *, momentum: float | None, eps: float, grad_rows: float | None = None):
+        super().__init__()
+        self.momentum, self.eps, self.grad_rows = momentum, eps, grad_rows
 
     def forward(
         self,
-        src: Tensor,
-        src_mask: Tensor | None = None,
-        src_key_padding_mask: Tensor | None = None,
-        is_causal: bool = False,
+        input: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        num_batches_tracked: Tensor | None = None,
     ) -> Tensor:
-        x = src
-        if self.norm_first:
-            x = x + self._sa(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
-            return x + self._ff(self.norm2(x))
-        x = self.norm1(x + self._sa(x, src_mask, src_key_padding_mask, is_causal))
-        return self.norm2(x + self._ff(x))
+        momentum = self.momentum
+        use_batch = self.training or running_mean is None
+        if self.training and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm
+                momentum = 1.0 / float(num_batches_tracked)
+        return U.batch_norm(
+            input, running_mean, running_var, weight, bias, use_batch, momentum or 0.0, self.eps,
+            grad_rows=self.grad_rows,
+        )  # fmt: skip
 
-    def _sa(self, x: Tensor, mask: Tensor | None, pad: Tensor | None, is_causal: bool) -> Tensor:
-        y = self.self_attn(
-            x, x, x, attn_mask=mask, key_padding_mask=pad, need_weights=False, is_causal=is_causal
-        )
-        return self.dropout1(y[0])
+    def plain_forward(self, input, running_mean, running_var, weight, bias, num_batches_tracked=None):
+        """Inference: the running statistics."""
+        return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, self.eps)
 
-    def _ff(self, x: Tensor) -> Tensor:
-        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
-
-
-class TraceableTransformerEncoder(nn.Module):
-    """``nn.TransformerEncoder`` without the nested-tensor fast path: layers in turn, then ``norm``."""
-
-    def __init__(self, encoder: nn.TransformerEncoder):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            TraceableTransformerEncoderLayer(m) if type(m) is nn.TransformerEncoderLayer else m
-            for m in encoder.layers
-        )
-        self.norm = encoder.norm
-
-    def forward(
-        self,
-        src: Tensor,
-        mask: Tensor | None = None,
-        src_key_padding_mask: Tensor | None = None,
-        is_causal: bool | None = None,
-    ) -> Tensor:
-        x = src
-        for layer in self.layers:
-            x = layer(x, mask, src_key_padding_mask, is_causal is True)  # `is`: no bool() of a proxy
-        return x if self.norm is None else self.norm(x)
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}, eps={self.eps:.3g}"
 
 
-def traceable(module: nn.Module) -> nn.Module:
-    """Replace (in place, recursively) torch transformer containers by their traceable twins; returns the
-    possibly replaced root."""
-    kinds = {
-        nn.TransformerEncoder: TraceableTransformerEncoder,
-        nn.TransformerEncoderLayer: TraceableTransformerEncoderLayer,
-    }
-    if type(module) in kinds:
-        return kinds[type(module)](module)
-    for name, child in list(module.named_children()):
-        new = traceable(child)
-        if new is not child:
-            setattr(module, name, new)
-    return module
+# -- plain forms (inference in plain torch, for unitscale.export) -----------------------------------------
+
+
+def _plain_softmax_at(input, dim=-1, *, mult=1.0, constraint="gmean", target):
+    if target is None:
+        return U.softmax.plain(input, dim, constraint=constraint, mult=mult)
+    return torch.softmax(input * mult if mult != 1.0 else input, dim) * target
+
+
+def _plain_matmul_at(left, right, *, constraint="gmean", target, precision=None):
+    if target is None:
+        return U.matmul.plain(left, right, constraint=constraint)
+    return torch.matmul(left, right) * target
+
+
+def _plain_attention_at(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                        enable_gqa=False, *, logit_factor=1.0, target, precision=None):  # fmt: skip
+    """F.scaled_dot_product_attention with logit scale (``scale`` or d^-½)·logit_factor, times the static
+    ``target`` or (target None) the attention rule's α(s), s = key length."""
+    if enable_gqa:
+        key, value = (t.repeat_interleave(query.shape[-3] // t.shape[-3], dim=-3) for t in (key, value))
+    base = query.shape[-1] ** -0.5 if scale is None else scale
+    y = F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                       scale=base * logit_factor)  # fmt: skip
+    if target is None:
+        return y * rules.attention_rule(1, dropout_p).law()(s=key.shape[-2])
+    return y * target
+
+
+softmax_at.plain = _plain_softmax_at  # type: ignore[attr-defined]
+matmul_at.plain = _plain_matmul_at  # type: ignore[attr-defined]
+attention_at.plain = _plain_attention_at  # type: ignore[attr-defined]
