@@ -1,5 +1,5 @@
 """``unit_scale(model, example_inputs)``: an existing PyTorch model rewritten with unit-scaled ops
-(docs/theory.md, the recipe; docs/convert.md).
+(docs/theory.md, Converting existing models; docs/convert.md).
 
 The model is deep-copied and captured with ``torch.export`` (non-strict: Hugging Face models included), at
 the level of ATen ops, with every node's module path. Each op is rewritten by the rules of the ``_rules*``

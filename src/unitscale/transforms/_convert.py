@@ -191,7 +191,8 @@ class Converter:
         return self.call(scaled, (new, k, k if bwd is None else bwd))
 
     def cons(self, node: fx.Node, *inputs: Any) -> str | None:
-        """The op's constraint: none when every live input edge is cut (docs/theory.md, constraints)."""
+        """The op's constraint: none when every live input edge is cut
+        (docs/theory.md, Cut edges and constraints)."""
         edges = [(a, node) for a in inputs if isinstance(a, fx.Node) and a in self.live]
         return None if edges and all(e in self.cut for e in edges) else self.o.constraint
 

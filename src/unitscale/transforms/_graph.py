@@ -5,9 +5,9 @@
 * ancestors (as bit sets), to tell a residual ``skip + f(skip)`` from an add of independent tensors;
 * cut edges: an edge u → v between activations is cut when removing it disconnects the undirected graph of
   live nodes and the output (a bridge, found by Tarjan's algorithm); an op whose live inputs all arrive over
-  cut edges may be unconstrained (docs/theory.md, constraints). Parameters are left out of this graph:
-  a parameter's edges are cut by definition, and a parameter used by several ops (a tie) gets one gradient
-  constant by the tie rule of the conversion, not by constraining the activations between its uses.
+  cut edges may be unconstrained (docs/theory.md, Cut edges and constraints). Parameters are left out of
+  this graph: a parameter's edges are cut by definition, and a parameter used by several ops (a tie) gets one
+  gradient constant by the tie rule of the conversion, not by constraining the activations between its uses.
 """
 
 from __future__ import annotations

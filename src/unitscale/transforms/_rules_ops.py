@@ -155,7 +155,7 @@ _WINDOWED = {aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_po
 
 def _reduce(mean: bool):
     def rule(cv: Converter, node: fx.Node) -> Result | None:
-        """The sum rule (docs/theory.md, sum): a sum of n unit terms × n^-½ on the sum; a mean is that sum
+        """The sum rule (docs/theory.md, Sum): a sum of n unit terms × n^-½ on the sum; a mean is that sum
         ÷ n, so the mean takes α·n forward and β·n backward."""
         x = node.args[0]
         n = _summed(cv, node)
