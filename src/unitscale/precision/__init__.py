@@ -126,7 +126,8 @@ def _backend_name(recipe: Recipe, kind: str) -> str:
 def _shared_simulate(recipe: Recipe) -> Exact:
     from unitscale.precision.simulate import Simulate
 
-    return Simulate(recipe.weight_format, recipe.activation_format, recipe.grad_format, recipe.grad_rounding)
+    return Simulate(recipe.weight_format, recipe.activation_format, recipe.grad_format, recipe.grad_rounding,
+                    weight_scale=recipe.weight_scale)
 
 
 def backend_for(module: nn.Module, recipe: Recipe, kind: str | None = None) -> Any:
