@@ -16,22 +16,52 @@ reduction dimension, so that one product is a float GEMM on (m/p)·D_k in the wo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from unitscale.precision.int4.config import Int4Config
 from unitscale.precision.int4.gemm import _MAX_CODE, int_gemm
-from unitscale.precision.int4.quantise import GradDigits
+from unitscale.precision.int4.quantise import GradDigits, _grad_grid, bit_split, sr_levels
 from unitscale.precision.int4.sampling import row_weights
 
 
-def folded(digits: GradDigits, cfg: Int4Config) -> tuple[Tensor, Tensor, int]:
-    """(G, σ, bound): ∇Y ≈ σ·G with G integer-valued, |G| ≤ bound (bit split: G = R·hi + lo, σ = σ_lo)."""
+@dataclass(frozen=True)
+class Folded:
+    """∇Y ≈ σ·G with G integer-valued, |G| ≤ bound; ``kept``: indices of the non-zero rows of G, or None
+    when every row is non-zero (nothing to compact)."""
+
+    g: Tensor
+    sigma: Tensor
+    bound: int
+    kept: Tensor | None
+
+
+def can_fold(cfg: Int4Config) -> bool:
+    """Folding needs exact one-GEMM products of R·hi + lo (fp32, not E4M3) and unweighted rows."""
+    return cfg.gemm == "reference" and cfg.sampling == "keep_nonzero"
+
+
+def fold(grad: Tensor, cfg: Int4Config, gen: torch.Generator | None) -> Folded:
+    """Quantise ∇Y [N, C] for the folded backward: G = SR(∇Y·T/M) = R·hi + lo, σ = M/T (see quantise.py)."""
     if cfg.bit_split:
-        radix, levels, _ = cfg.split
-        hi, lo = digits.digits
-        return hi * radix + lo, digits.scales[1], levels
-    return digits.digits[0], digits.scales[0], cfg.grad_levels
+        radix, levels, clamp = cfg.split
+        if clamp is None:
+            g, sigma = sr_levels(grad, levels=levels, generator=gen)
+        else:  # INT4-code's clamped digits: fold them explicitly
+            hi, lo = bit_split(grad, radix=radix, levels=levels, digit_max=clamp, generator=gen).digits
+            g, sigma = hi * radix + lo, _grad_unit(grad, levels)
+        bound = levels
+    else:
+        g, sigma = sr_levels(grad, levels=cfg.grad_levels, generator=gen)
+        bound = cfg.grad_levels
+    # A row is zero iff its max |G| is 0 (an arithmetic reduction: much cheaper than a boolean any()).
+    return Folded(g, sigma, bound, _kept(g.abs().amax(1) > 0))
+
+
+def _grad_unit(grad: Tensor, levels: int) -> Tensor:
+    return _grad_grid(grad, levels)[1] / levels
 
 
 def _kept(mask: Tensor) -> Tensor | None:
@@ -40,56 +70,48 @@ def _kept(mask: Tensor) -> Tensor | None:
     return None if idx.numel() == mask.numel() else idx
 
 
+def folded_dgrad(f: Folded, qw: Tensor) -> Tensor:
+    """σ·(G Ŵ): one exact integer GEMM over the kept rows, zero rows scattered back."""
+    bound = f.bound * _MAX_CODE
+    if f.kept is None:
+        return int_gemm(f.g, qw, bound=bound, out_dtype=qw.dtype) * f.sigma
+    part = int_gemm(f.g.index_select(0, f.kept), qw, bound=bound, out_dtype=qw.dtype)
+    # σ after the scatter: a NaN σ (non-finite ∇Y) must reach the dropped rows too.
+    return part.new_zeros((f.g.shape[0], part.shape[1])).index_copy_(0, f.kept, part) * f.sigma
+
+
+def folded_wgrad(f: Folded, qx: Tensor) -> Tensor:
+    """σ·(Gᵀ X̂): one exact integer GEMM reducing over the kept rows only."""
+    g, x = (f.g, qx) if f.kept is None else (f.g.index_select(0, f.kept), qx.index_select(0, f.kept))
+    return int_gemm(g.t(), x, bound=f.bound * _MAX_CODE, out_dtype=qx.dtype) * f.sigma
+
+
 def dgrad(digits: GradDigits, qw: Tensor, cfg: Int4Config, gen: torch.Generator | None) -> Tensor:
-    """Σ_k σ_k·diag(w_k)·(D_k Ŵ) in qw's dtype (the work dtype); see the module docstring."""
+    """Σ_k σ_k·diag(w_k)·(D_k Ŵ) in qw's dtype (the work dtype), one GEMM per digit over the kept rows."""
     work = qw.dtype
     weights = lss_weights(digits, None, cfg, gen)
-    if weights is None and cfg.gemm == "reference":
-        g, sigma, bound = folded(digits, cfg)
-        return (
-            _rows(g, g.ne(0).any(1), lambda a: int_gemm(a, qw, bound=bound * _MAX_CODE, out_dtype=work))
-            * sigma
-        )
     out = None
     for k, (d, s) in enumerate(zip(digits.digits, digits.scales)):
         w = weights[k] if weights is not None else None
-        mask = w.ne(0) if w is not None else d.ne(0).any(1)
-
-        def gemm(a: Tensor, rows: Tensor | None, w=w) -> Tensor:
-            prod = int_gemm(a, qw, cfg.gemm, out_dtype=work)
-            if w is not None:  # output-row scale: the GEMM itself stays integer
-                prod = prod * (w if rows is None else w[rows]).to(work)[:, None]
-            return prod
-
-        term = _rows(d, mask, gemm, pass_rows=True) * s
+        idx = _kept(w != 0 if w is not None else d.abs().amax(1) > 0)
+        prod = int_gemm(d if idx is None else d.index_select(0, idx), qw, cfg.gemm, out_dtype=work)
+        if w is not None:  # output-row scale: the GEMM itself stays integer
+            prod = prod * (w if idx is None else w.index_select(0, idx)).to(work)[:, None]
+        if idx is not None:
+            prod = prod.new_zeros((d.shape[0], prod.shape[1])).index_copy_(0, idx, prod)
+        term = prod * s
         out = term if out is None else out + term
     return out
 
 
-def _rows(d: Tensor, mask: Tensor, gemm, pass_rows: bool = False) -> Tensor:
-    """gemm on the kept rows of d only, scattered back into zero rows (row compaction)."""
-    idx = _kept(mask)
-    if idx is None:
-        return gemm(d, None) if pass_rows else gemm(d)
-    part = gemm(d.index_select(0, idx), idx) if pass_rows else gemm(d.index_select(0, idx))
-    out = part.new_zeros((d.shape[0], part.shape[1]))
-    return out.index_copy_(0, idx, part)
-
-
 def wgrad(digits: GradDigits, qx: Tensor, cfg: Int4Config, gen: torch.Generator | None) -> Tensor:
-    """Σ_k σ_k·(diag(w'_k) D_k)ᵀ X̂ in qx's dtype (the work dtype); see the module docstring."""
+    """Σ_k σ_k·(diag(w'_k) D_k)ᵀ X̂ in qx's dtype (the work dtype), over the kept rows of each digit."""
     work = qx.dtype
     weights = lss_weights(digits, qx, cfg, gen)
-    if weights is None and cfg.gemm == "reference":
-        g, sigma, bound = folded(digits, cfg)
-        idx = _kept(g.ne(0).any(1))
-        if idx is not None:
-            g, qx = g.index_select(0, idx), qx.index_select(0, idx)
-        return int_gemm(g.t(), qx, bound=bound * _MAX_CODE, out_dtype=work) * sigma
     out = None
     for k, (d, s) in enumerate(zip(digits.digits, digits.scales)):
         w = weights[k] if weights is not None else None
-        idx = _kept(w.ne(0) if w is not None else d.ne(0).any(1))
+        idx = _kept(w != 0 if w is not None else d.abs().amax(1) > 0)
         dk, xk = (d, qx) if idx is None else (d.index_select(0, idx), qx.index_select(0, idx))
         if w is None:
             prod = int_gemm(dk.t(), xk, cfg.gemm, out_dtype=work)

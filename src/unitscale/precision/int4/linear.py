@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from unitscale.precision.backend import EXACT
-from unitscale.precision.int4.backward import dgrad, wgrad
+from unitscale.precision.int4.backward import can_fold, dgrad, fold, folded_dgrad, folded_wgrad, wgrad
 from unitscale.precision.int4.config import Int4Config
 from unitscale.precision.int4.gemm import int_gemm
 from unitscale.precision.int4.hadamard import block_hadamard, block_sizes
@@ -72,24 +72,30 @@ class _Int4LinearFn(torch.autograd.Function):
         qp = cfg.qbounds[1]
         need_x, need_w, need_b, need_sx, need_sw = ctx.needs_input_grad[:5]
         g2 = grad.reshape(-1, grad.shape[-1])
-        digits = layer.quantise_grad(g2.to(qx.dtype))
+        gen = layer.generator(g2.device)
+        if can_fold(cfg):
+            f = fold(g2.to(qx.dtype), cfg, gen)
+            dx_fn, wx_fn = (lambda: folded_dgrad(f, qw)), (lambda: folded_wgrad(f, qx))
+        else:
+            digits = layer.quantise_grad(g2.to(qx.dtype))
+            dx_fn, wx_fn = (lambda: dgrad(digits, qw, cfg, gen)), (lambda: wgrad(digits, qx, cfg, gen))
         gx = gw = gb = gsx = gsw = None
         # Non-finite ∇Y: amax is NaN, which the scales carry into every product below.
         if need_x or need_sx:
-            gxq = dgrad(digits, qw, cfg, layer.generator(g2.device)) * (sw * beta_x)
+            gxq = dx_fn() * (sw * beta_x)
             if need_sx:
                 gsx = (gxq * dx).sum() * lsq_grad_scale(dx.numel(), qp)
                 gsx = gsx.to(ctx.s_shapes[1]).reshape(ctx.s_shapes[0])
             if need_x:
-                gx = layer.unrotate(torch.where(lsq_inside(dx), gxq, 0.0), d)
+                gx = layer.unrotate(gxq * lsq_inside(dx), d)
                 gx = gx.to(x_dtype).reshape(*lead, d)
         if need_w or need_sw:
-            gwq = wgrad(digits, qx, cfg, layer.generator(g2.device)) * (sx * beta_w)
+            gwq = wx_fn() * (sx * beta_w)
             if need_sw:
                 gsw = (gwq * dw).sum() * lsq_grad_scale(dw.numel(), qp)
                 gsw = gsw.to(ctx.s_shapes[3]).reshape(ctx.s_shapes[2])
             if need_w:
-                gw = layer.unrotate(torch.where(lsq_inside(dw), gwq, 0.0), d).to(w_dtype)
+                gw = layer.unrotate(gwq * lsq_inside(dw), d).to(w_dtype)
         if has_bias and need_b:
             gb = (g2.double().sum(0) * beta_b).to(grad.dtype)
         return gx, gw, gb, gsx, gsw, None, None, None, None, None
