@@ -41,6 +41,7 @@ from unitscale.precision.int4.quantise import (
     lsq_inside,
     single_digit,
 )
+from unitscale.precision.int4.triton_hq import hadamard_quantise, triton_available
 from unitscale.precision.int4.weight_cache import WeightCache
 
 _TINY = 1e-30
@@ -50,11 +51,10 @@ class _Int4LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, s_x, s_w, alpha, beta_x, beta_w, beta_b, layer):  # type: ignore[override]
         cfg: Int4Config = layer.config
-        qn, qp = cfg.qbounds
         work = layer.work_dtype(x, weight)
         lead, d = x.shape[:-1], x.shape[-1]
         sx, sw = s_x.detach().to(work), s_w.detach().to(work)
-        qx, dx = lsq_codes(layer.rotate(x.reshape(-1, d).to(work)), sx, qn, qp)
+        qx, dx = layer.codes(x.reshape(-1, d).to(work), sx)
         qw, dw = layer.weight_codes(weight, sw, work)
         y = int_gemm(qx, qw.t(), cfg.gemm, out_dtype=work) * (sx * sw * alpha)
         if bias is not None:
@@ -180,13 +180,19 @@ class Int4Linear(nn.Module):
         t = block_hadamard(t, self.block)
         return t[..., :d] if t.shape[-1] != d else t
 
+    def codes(self, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """(q, δ) = lsq_codes(rotate(t), s): on CUDA one fused Triton pass (``triton_hq.py``), else torch."""
+        qn, qp = self.config.qbounds
+        fused = t.is_cuda and triton_available() and t.dtype == torch.float32 and t.dim() == 2
+        if fused and self.block >= 16 and self.padded_features == t.shape[-1]:
+            q, delta, _ = hadamard_quantise(t, s, self.block, qn, qp)
+            return q, delta
+        return lsq_codes(self.rotate(t), s, qn, qp)
+
     def weight_codes(self, weight: Tensor, sw: Tensor, work: torch.dtype) -> tuple[Tensor, Tensor]:
         """(q, δ) of int_{s_w}(WH): computed once per optimizer step and reused (``weight_cache.py``)."""
-        qn, qp = self.config.qbounds
         extra = (self.log_s_w._version, self.s_w0._version, self.block, work, self.training)
-        return self.weight_cache.get(
-            weight, extra, lambda: lsq_codes(self.rotate(weight.to(work)), sw, qn, qp)
-        )
+        return self.weight_cache.get(weight, extra, lambda: self.codes(weight.to(work), sw))
 
     def clear_cache(self) -> None:
         """Forget the cached weight codes (needed only after mutating ``weight.data`` outside a step)."""
