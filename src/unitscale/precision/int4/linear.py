@@ -102,7 +102,7 @@ class _Int4LinearFn(torch.autograd.Function):
 
 
 class Int4Linear(nn.Module):
-    """INT4 backend of one linear layer; owns the LSQ step sizes s_x, s_w as log-steps (docs/theory.md).
+    """INT4 backend of one linear layer; owns the LSQ step sizes s_x, s_w as log-steps.
 
     ``linear(x, weight, bias, alpha=, beta_x=, beta_w=, beta_b=)`` has the meaning of ``Exact.linear``;
     ``matmul`` runs in high precision (attention matmuls are not quantised, as in the paper).
