@@ -26,8 +26,8 @@ CHECK = textwrap.dedent(
     from unitscale.precision.int4.triton_hq import hadamard_quantise, unpack_int4
 
     gen = torch.Generator().manual_seed(0)
-    # Representable: x = C·H (C integer codes, some out of range, none on the clip boundary) so x·H = C up to ~1e-6, far from any tie;
-    # with s = 1 the codes are exactly clamp(C) whatever the summation order.
+    # Representable: x = C·H (C integer codes, some out of range, none on the clip boundary), so
+    # x·H = C up to ~1e-6, far from any tie: with s = 1 the codes are clamp(C) in any summation order.
     m, d, g = 40, 96, 32
     c = torch.randint(-11, 11, (m, d), generator=gen).float()
     c[(c == 7) | (c == -8)] = 0.0  # on the clip boundary x·H ≈ C could fall on either side
