@@ -17,9 +17,9 @@ written once.
 :func:`fp8_cast_pair` is the one entry point: the custom operator ``unitscale::fp8_cast_transpose``
 (``torch.library.triton_op``), so ``torch.compile`` traces it without a graph break and Inductor emits
 this kernel into the compiled code (not its own cast). On CUDA with Triton it launches the kernel;
-elsewhere it runs :func:`cast_pair_torch`, the same maths in torch ops. ``TRITON_INTERPRET=1`` runs :func:`cast_transpose` on
-CPU tensors (the interpreter's FP8 conversion is not round-to-nearest-even, so bit-exact rounding of
-arbitrary values is checked on GPU only).
+elsewhere it runs :func:`cast_pair_torch`, the same maths in torch ops. ``TRITON_INTERPRET=1`` runs
+:func:`cast_transpose` on CPU tensors (the interpreter's FP8 conversion is not round-to-nearest-even and
+turns NaN into a finite code, so bit-exact rounding of arbitrary values and NaN are checked on GPU only).
 """
 
 from __future__ import annotations
