@@ -411,3 +411,21 @@ def test_warns_once_on_cuda_without_fp8_cores(monkeypatch):
         for _ in range(3):
             fp8_backend_for(nn.Linear(4, 4), Recipe.fp8(backend="fp8"))
     assert len([w for w in record if "FP8 tensor cores" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("k", [256, 1024])
+def test_accumulation_bound_covers_13_bit_accumulation(k):
+    # Independent check of the GPU tolerance model: sum K products sequentially, rounding every partial sum
+    # to 13 mantissa bits (float64 frexp/ldexp), and compare with the exact sum.
+    from unitscale.precision.fp8_accumulation import accumulation_bound, accumulation_tolerance
+
+    p = torch.randn(4000, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    s = torch.zeros(4000, dtype=torch.float64)
+    for j in range(k):
+        mant, exp = torch.frexp(s + p[:, j])
+        s = torch.ldexp(torch.round(mant * 2.0**14) / 2.0**14, exp)  # 1 + 13 bits
+    err = float((s - p.sum(1)).norm() / p.sum(1).norm())
+    assert accumulation_bound(k) / 10 < err < accumulation_bound(k)  # a bound, and not a vacuous one
+    assert accumulation_tolerance(k) == 3 * accumulation_bound(k)
+    with pytest.raises(ValueError, match="positive"):
+        accumulation_bound(0)

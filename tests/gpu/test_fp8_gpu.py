@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from unitscale.precision.fp8 import Dispatch, Fp8Backend, fp8_supported
+from unitscale.precision.fp8_accumulation import accumulation_tolerance
 from unitscale.precision.simulate import Simulate
 
 pytestmark = pytest.mark.skipif(not fp8_supported("cuda"), reason="needs CUDA with FP8 (sm_89+)")
@@ -54,20 +55,6 @@ def rel_rms(a, ref):
     return float((a - ref).norm() / ref.norm())
 
 
-ACC_MANTISSA_BITS = 13  # Hopper FP8 tensor cores keep ~13 mantissa bits while accumulating (fast or not)
-
-
-def accumulation_bound(k: int) -> float:
-    """rms error / rms result of a K-term dot product whose every partial sum is rounded to 13 bits.
-
-    Model: s_j = fl(s_{j-1} + p_j), |fl(z) − z| ≤ u|z|, u = 2^-13, errors independent with mean 0, products
-    p_i independent with mean 0 and variance σ². Then E s_j² = jσ², Var(error) ≤ u²σ² Σ_j j = u²σ²K(K+1)/2
-    and rms(result) = σ√K, so the relative rms error is at most u·√((K+1)/2) (1.4e-3 at K = 256, 3.9e-3 at
-    K = 2048; a wrong scale, layout or rounding gives ≥ 3e-2).
-    """
-    return 2.0**-ACC_MANTISSA_BITS * math.sqrt((k + 1) / 2)
-
-
 def assert_close_rms(a, ref, rtol):
     """|a − ref| ≤ rtol·(|ref| + rms(ref)) elementwise: relative, with an rms floor near zero."""
     rms = float(ref.double().pow(2).mean().sqrt())
@@ -78,15 +65,15 @@ def assert_close_rms(a, ref, rtol):
 @pytest.mark.parametrize("factors", [{}, FACTORS], ids=["unit", "scaled"])
 def test_matches_simulate_fp32(lead, k, n, factors):
     # Identical quantised operands: the GEMMs differ by Hopper's reduced-precision accumulation only (the
-    # simulate reference accumulates in fp32 with TF32 off). Tolerance: 3× accumulation_bound for each
-    # GEMM's reduction length (y: K = k; ∂x: K = n; ∂W: K = rows).
+    # simulate reference accumulates in fp32 with TF32 off). Tolerance: 3× the 13-bit accumulation model's
+    # bound (precision/fp8_accumulation.py) for each GEMM's reduction length (y: K = k; ∂x: K = n; ∂W: rows).
     x, w, b, g = inputs(lead, k, n, seed=k)
     fp8 = run(Fp8Backend(dispatch=ALWAYS).linear, x, w, b, g, **factors)
     sim = run(Simulate("fp8_e4b", "fp8_e4b", "fp8_e5b").linear, x, w, b, g, **factors)
     rows = math.prod(lead)
     for name, got, ref, red in zip(("y", "dx", "dW"), fp8, sim, (k, n, rows)):
         assert got.dtype == ref.dtype and torch.isfinite(got).all()
-        err, tol = rel_rms(got, ref), 3 * accumulation_bound(red)
+        err, tol = rel_rms(got, ref), accumulation_tolerance(red)
         print(f"{name}: K={red} rel rms error {err:.2e} (tolerance {tol:.2e})")
         assert err < tol
     torch.testing.assert_close(fp8[3], sim[3], rtol=1e-6, atol=1e-6)  # ∂c: the same unquantised row sum
