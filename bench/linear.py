@@ -162,16 +162,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         require_cuda("bench/linear.py")
     env = environment()
-    print(f"{env.get('device', args.device)}  torch {env['torch']}  torchao {env['torchao']}  "
-          f"triton {env['triton']}", flush=True)
+    print(
+        f"{env.get('device', args.device)}  torch {env['torch']}  torchao {env['torchao']}  "
+        f"triton {env['triton']}",
+        flush=True,
+    )
     results = []
     for m, k, n in args.shapes:
         results.append(bench_shape(m, k, n, args))
         print(render(results[-1:], args.variants), flush=True)
     print(render(results, args.variants))
-    print("(×: variant speed / baseline speed, this run, round-robin; JSON: TFLOP/s, samples, rel. error of y)")
-    payload = {"benchmark": "linear fwd+bwd, torch.compile, bf16 in/out", "environment": env,
-               "config": {k: v for k, v in vars(args).items() if k != "shapes"}, "results": results}
+    print(
+        "(×: variant speed / baseline speed, this run, round-robin; JSON: TFLOP/s, samples, rel. error of y)"
+    )
+    payload = {
+        "benchmark": "linear fwd+bwd, torch.compile, bf16 in/out",
+        "environment": env,
+        "config": {k: v for k, v in vars(args).items() if k != "shapes"},
+        "results": results,
+    }
     print(f"wrote {write_json(args.out, payload)}")
     return 0
 

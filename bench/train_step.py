@@ -81,8 +81,15 @@ def build_model(variant: str, args: argparse.Namespace) -> torch.nn.Module:
     from unitscale.models import build
 
     scaling = "standard" if variant in ("bf16-standard", "torchao-tensorwise") else "unit"
-    model = build("gpt", args.vocab, scaling=scaling, d_model=args.d_model, n_layers=args.layers,
-                  n_heads=args.heads, seq_len=args.seq).to(args.device)
+    model = build(
+        "gpt",
+        args.vocab,
+        scaling=scaling,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        seq_len=args.seq,
+    ).to(args.device)
     if variant.startswith("fp8"):
         from unitscale.precision import Recipe, apply
 
@@ -94,7 +101,8 @@ def build_model(variant: str, args: argparse.Namespace) -> torch.nn.Module:
 
         def aligned(module: torch.nn.Module, fqn: str) -> bool:
             return not isinstance(module, torch.nn.Linear) or (
-                module.in_features % 16 == 0 and module.out_features % 16 == 0)
+                module.in_features % 16 == 0 and module.out_features % 16 == 0
+            )
 
         float8.convert_to_float8_training(model, config=config, module_filter_fn=aligned)
     return model
@@ -157,8 +165,10 @@ def prepare(variant: str, args: argparse.Namespace) -> tuple[dict, object]:
         fp8 = count_fp8_gemms(eager)
         want = expected_fp8_gemms(model, args.batch * args.seq) if variant.startswith("fp8") else None
         if variant.startswith(("fp8", "torchao")) and fp8 == 0:
-            raise SystemExit(f"{variant} ran no FP8 GEMM in a step (d_model {args.d_model}, "
-                             f"{args.batch}×{args.seq} tokens): check the dispatch thresholds")
+            raise SystemExit(
+                f"{variant} ran no FP8 GEMM in a step (d_model {args.d_model}, "
+                f"{args.batch}×{args.seq} tokens): check the dispatch thresholds"
+            )
         if want is not None and fp8 != want:
             raise SystemExit(f"{variant}: {fp8} FP8 GEMMs per step, the dispatch rule says {want}")
         for _ in range(args.warmup):  # the first compiles
@@ -175,17 +185,38 @@ def prepare(variant: str, args: argparse.Namespace) -> tuple[dict, object]:
         if cuda:
             torch.cuda.empty_cache()
         return {"status": f"OOM at batch {args.batch}"}, None
-    record = {"status": "ok", "params": params, "fp8_gemms_per_step": fp8, "batch": args.batch,
-              "tokens_per_step": args.batch * args.seq, "peak_memory_gib": peak}
+    record = {
+        "status": "ok",
+        "params": params,
+        "fp8_gemms_per_step": fp8,
+        "batch": args.batch,
+        "tokens_per_step": args.batch * args.seq,
+        "peak_memory_gib": peak,
+    }
     print(f"  {variant}: {params / 1e6:.0f}M params, {fp8} FP8 GEMMs/step, peak {peak} GiB", flush=True)
     return record, step
 
 
 def probe(variant: str, batch: int, args: argparse.Namespace) -> bool:
     """Does ``batch`` fit? Two compiled steps in a fresh process (clean allocator and compile caches)."""
-    cmd = [sys.executable, __file__, "--probe", variant, str(batch), "--d-model", str(args.d_model),
-           "--layers", str(args.layers), "--heads", str(args.heads), "--seq", str(args.seq),
-           "--vocab", str(args.vocab), *([] if args.compile else ["--no-compile"])]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--probe",
+        variant,
+        str(batch),
+        "--d-model",
+        str(args.d_model),
+        "--layers",
+        str(args.layers),
+        "--heads",
+        str(args.heads),
+        "--seq",
+        str(args.seq),
+        "--vocab",
+        str(args.vocab),
+        *([] if args.compile else ["--no-compile"]),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode not in (0, OOM_EXIT):
         raise RuntimeError(f"probe {variant} batch {batch} failed:\n{result.stderr[-2000:]}")
@@ -228,12 +259,29 @@ def render(results: dict, args: argparse.Namespace, params: int) -> str:
             continue
         ratios = [f"{r[f'speedup_vs_{b}']:.2f}×" if f"speedup_vs_{b}" in r else "" for b in BASELINES]
         peak = "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
-        rows.append([variant, f"{r['tokens_per_s']:,.0f}", *ratios, f"{r['median_ms']:.1f}", peak,
-                     r["fp8_gemms_per_step"], r.get("largest_batch", "")])
-    head = (f"GPT {params / 1e6:.0f}M params, d={args.d_model}, {args.layers} layers, seq {args.seq}, "
-            f"batch {args.batch}")
-    return head + "\n" + table(["variant", "tokens/s", "vs bf16", "vs torchao", "step ms", "peak GiB",
-                                "fp8 GEMMs", "max batch"], rows)
+        rows.append(
+            [
+                variant,
+                f"{r['tokens_per_s']:,.0f}",
+                *ratios,
+                f"{r['median_ms']:.1f}",
+                peak,
+                r["fp8_gemms_per_step"],
+                r.get("largest_batch", ""),
+            ]
+        )
+    head = (
+        f"GPT {params / 1e6:.0f}M params, d={args.d_model}, {args.layers} layers, seq {args.seq}, "
+        f"batch {args.batch}"
+    )
+    return (
+        head
+        + "\n"
+        + table(
+            ["variant", "tokens/s", "vs bf16", "vs torchao", "step ms", "peak GiB", "fp8 GEMMs", "max batch"],
+            rows,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,8 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="steps before memory and timing (compiles)")
     parser.add_argument("--rounds", type=int, default=6, help="round-robin samples per variant")
     parser.add_argument("--steps", type=int, default=2, help="training steps between one pair of events")
-    parser.add_argument("--dispatch", choices=("rule", "always"), default="rule",
-                        help="FP8 dispatch of fp8-unit: the default rule, or always (toy sizes)")
+    parser.add_argument(
+        "--dispatch",
+        choices=("rule", "always"),
+        default="rule",
+        help="FP8 dispatch of fp8-unit: the default rule, or always (toy sizes)",
+    )
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu only for the dry run")
     parser.add_argument("--fit", action="store_true", help="also search the largest batch that fits")
     parser.add_argument("--max-batch", type=int, default=1024)
@@ -264,8 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         return run_probe(args.probe[0], int(args.probe[1]), args)
     env = environment()
-    print(f"{env.get('device', args.device)}  torch {env['torch']}  torchao {env['torchao']}  "
-          f"triton {env['triton']}", flush=True)
+    print(
+        f"{env.get('device', args.device)}  torch {env['torch']}  torchao {env['torchao']}  "
+        f"triton {env['triton']}",
+        flush=True,
+    )
     results, steps = {}, {}
     for variant in args.variants:
         results[variant], step = prepare(variant, args)
@@ -286,9 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     if params < 350e6:
         print(f"note: the model has {params / 1e6:.0f}M parameters (< 350M asked by issue 7)")
     print(render(results, args, params))
-    payload = {"benchmark": "GPT training step (fwd+bwd+AdamW), bf16 autocast", "environment": env,
-               "config": {k: v for k, v in vars(args).items() if k != "probe"}, "params": params,
-               "results": results}
+    payload = {
+        "benchmark": "GPT training step (fwd+bwd+AdamW), bf16 autocast",
+        "environment": env,
+        "config": {k: v for k, v in vars(args).items() if k != "probe"},
+        "params": params,
+        "results": results,
+    }
     print(f"wrote {write_json(args.out, payload)}")
     return 0
 
