@@ -50,6 +50,11 @@ def test_dry_run_writes_every_phase(tmp_path):  # ~90 s on 2 busy cores
     train = records["train_step"]["result"]["results"]
     assert train["fp8-unit"]["fp8_gemms_per_step"] > 0 and train["bf16-unit"]["fp8_gemms_per_step"] == 0
     assert records["pytest_gpu"]["result"].get("skipped", 0) > 0  # collected; every GPU test skips on CPU
+    import report
+
+    assert report.main([str(tmp_path), "--dest", str(tmp_path / "rep" / "device_run")]) == 0
+    md = (tmp_path / "rep" / "device_run.md").read_text()
+    assert "## linear_headline: ok" in md and "fp8-unit" in md
 
 
 def test_past_the_deadline_every_phase_still_gets_its_json(tmp_path):
