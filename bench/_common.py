@@ -26,8 +26,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def require_cuda(script: str) -> None:
     """Exit (status 2) with a clear message where there is no CUDA device: no number is ever faked."""
     if not torch.cuda.is_available():
-        print(f"{script}: needs a CUDA GPU (written for one H100); torch {torch.__version__} sees none. "
-              "No numbers were produced.", file=sys.stderr)
+        print(
+            f"{script}: needs a CUDA GPU (written for one H100); torch {torch.__version__} sees none. "
+            "No numbers were produced.",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
 
 
@@ -46,14 +49,24 @@ def require_module(name: str, why: str) -> Any:
     """Import ``name`` or exit (status 2) naming what is missing: a comparison row is never left out."""
     module, version = optional_module(name)
     if module is None:
-        print(f"{name} is required ({why}) but is {version}. On the device machine install the carried "
-              "wheel: pip install --no-index --no-deps wheels/torchao-*.whl (docs/fp8.md).", file=sys.stderr)
+        print(
+            f"{name} is required ({why}) but is {version}. bench/device_run.sh installs the carried "
+            "wheel from wheels/ (docs/fp8.md, the one prepared run).",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     return module
 
 
 def count_fp8_gemms(fn: Callable[[], Any]) -> int:
-    """How many ``aten._scaled_mm`` calls one eager run of ``fn()`` makes (FP8 GEMMs, any caller)."""
+    """How many FP8 GEMMs (``torch._scaled_mm``) one eager run of ``fn()`` makes.
+
+    Counted twice, the larger count kept: Python-level calls of ``torch._scaled_mm`` (torchao calls it
+    from inside a tensor subclass's ``__torch_dispatch__``, which a dispatch mode does not see) and
+    ``aten._scaled_mm`` calls seen by a dispatch mode (callers that bypass the Python attribute).
+    """
+    from unittest import mock
+
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counter(TorchDispatchMode):
@@ -64,9 +77,9 @@ def count_fp8_gemms(fn: Callable[[], Any]) -> int:
                 Counter.calls += 1
             return func(*args, **(kwargs or {}))
 
-    with Counter():
+    with mock.patch.object(torch, "_scaled_mm", wraps=torch._scaled_mm) as spy, Counter():
         fn()
-    return Counter.calls
+    return max(spy.call_count, Counter.calls)
 
 
 def _sync(device: str) -> None:
@@ -96,7 +109,7 @@ def time_round_robin(
     samples: dict[str, list[float]] = {n: [] for n in names}
     cuda = device.startswith("cuda")
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             fn = fns[name]
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -159,8 +172,13 @@ def time_cuda(fn: Callable[[], Any], *, warmup: int, iters: int) -> dict[str, fl
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -178,8 +196,11 @@ def environment() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                   memory_gib=round(props.total_memory / 2**30, 1))
+        env.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+        )
     for name in ("triton", "torchao"):
         env[name] = optional_module(name)[1]
     return env
