@@ -93,6 +93,8 @@ def plan(model: nn.Module, recipe: Recipe | str) -> list[MatmulPlan]:
             why += f"; {kind} matmuls stay in high precision (INT4 paper: linear layers only)"
         elif sub.backend == "fp8" and backend == "simulate":
             why += "; no CUDA: fp8 falls back to simulate"
+        elif sub.backend == "fp8" and backend == "exact":
+            why += f"; {kind} matmuls are batched (_scaled_mm is 2-D): torch's fused SDPA, compute dtype"
         rows.append(MatmulPlan(path, kind, sub, backend, why))
     return rows
 
@@ -116,6 +118,10 @@ def _backend_name(recipe: Recipe, kind: str) -> str:
         return "exact"
     if recipe.backend == "fp8" and not torch.cuda.is_available():
         return "simulate"
+    if recipe.backend == "fp8" and kind == "attention":
+        # Fp8Backend runs batched matmuls in the compute dtype anyway; with no backend the attention module
+        # calls torch's fused scaled_dot_product_attention (flash attention) instead of matmul-softmax-matmul.
+        return "exact"
     if recipe.backend == "simulate" and not recipe.quantises:
         return "exact"
     return recipe.backend
