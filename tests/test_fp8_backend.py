@@ -379,6 +379,38 @@ def test_compile_fullgraph_aot_eager(weight_scale):
     _compiled_step("aot_eager", weight_scale)
 
 
+def _op_calls(graphs) -> int:
+    """How many calls of the registered cast op the traced graphs (and their subgraphs) hold."""
+    op = torch.ops.unitscale.fp8_cast_transpose
+    subs = [sub for gm in graphs for sub in gm.modules() if isinstance(sub, torch.fx.GraphModule)]
+    return sum(node.target in (op, op.default) for sub in subs for node in sub.graph.nodes)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compile_traces_the_registered_cast_op_without_graph_breaks(autocast):
+    # The compiled path must run the fused cast op (on CUDA: the Triton kernel), not Inductor's own cast.
+    torch._dynamo.reset()
+    be = Fp8Backend(dispatch=ALWAYS, cache_weights=False)
+    x, w, b, g = inputs((2, 32), 64, 32, seed=5)
+
+    def step(x, w, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return be.linear(x, w, b, **FACTORS)
+
+    args = [t.detach().requires_grad_() for t in (x, w, b)]
+    explanation = torch._dynamo.explain(step)(*args)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert _op_calls(explanation.graphs) == 3  # forward: x and W; backward: the output gradient
+    torch._dynamo.reset()
+    got = run(SimpleNamespace(linear=torch.compile(step, fullgraph=True, backend="aot_eager")), x, w, b, g)
+    ref = run(SimpleNamespace(linear=step), x, w, b, g)
+    assert all(torch.equal(a, r) for a, r in zip(got[1:], ref[1:]))
+    # y: under bf16 autocast the traced _scaled_mm adds the bias after rounding (one bf16 ulp; also on main).
+    tol = 2.0 ** -7 if autocast else 0.0
+    rms = float(ref[0].float().pow(2).mean().sqrt())
+    torch.testing.assert_close(got[0], ref[0], rtol=tol, atol=tol * rms)
+
+
 @pytest.mark.slow
 def test_compile_fullgraph_inductor():  # ~5-10 s on 2 cores
     _compiled_step("inductor")
@@ -394,3 +426,21 @@ def test_warns_once_on_cuda_without_fp8_cores(monkeypatch):
         for _ in range(3):
             fp8_backend_for(nn.Linear(4, 4), Recipe.fp8(backend="fp8"))
     assert len([w for w in record if "FP8 tensor cores" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("k", [256, 1024])
+def test_accumulation_bound_covers_13_bit_accumulation(k):
+    # Independent check of the GPU tolerance model: sum K products sequentially, rounding every partial sum
+    # to 13 mantissa bits (float64 frexp/ldexp), and compare with the exact sum.
+    from unitscale.precision.fp8_accumulation import accumulation_bound, accumulation_tolerance
+
+    p = torch.randn(4000, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    s = torch.zeros(4000, dtype=torch.float64)
+    for j in range(k):
+        mant, exp = torch.frexp(s + p[:, j])
+        s = torch.ldexp(torch.round(mant * 2.0**14) / 2.0**14, exp)  # 1 + 13 bits
+    err = float((s - p.sum(1)).norm() / p.sum(1).norm())
+    assert accumulation_bound(k) / 10 < err < accumulation_bound(k)  # a bound, and not a vacuous one
+    assert accumulation_tolerance(k) == 3 * accumulation_bound(k)
+    with pytest.raises(ValueError, match="positive"):
+        accumulation_bound(0)

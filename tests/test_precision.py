@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -211,6 +212,32 @@ def test_fp8_backend_falls_back_to_simulate_without_cuda(monkeypatch: pytest.Mon
     fallbacks = [w for w in caught if "no CUDA device" in str(w.message)]
     assert len(fallbacks) == 1  # one line, not one per layer
     assert isinstance(model[0].precision, Simulate)
+
+
+def test_fp8_backend_keeps_attention_on_fused_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On an FP8 GPU the linears get Fp8Backend and attention no backend: torch's fused SDPA, not the
+    # unfused matmul-softmax-matmul path (Fp8Backend runs batched matmuls in the compute dtype anyway).
+    import unitscale.precision.fp8 as fp8
+    from unitscale.models import build
+    from unitscale.precision.backend import Exact
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device=None: True)
+    model = build("gpt", 32, scaling="unit", d_model=32, n_layers=2, n_heads=2, seq_len=16)
+    rows = {r.path: r for r in precision.plan(model, Recipe.fp8(backend="fp8"))}
+    attention = [p for p, r in rows.items() if r.kind == "attention"]
+    assert len(attention) == 2 and all(rows[p].backend == "exact" for p in attention)
+    assert all(r.backend == "fp8" for r in rows.values() if r.kind == "linear")
+    apply(model, Recipe.fp8(backend="fp8"))
+    modules = dict(model.named_modules())
+    assert all(modules[p].precision is None for p in attention)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # run the CPU forward
+    idx = torch.randint(0, 32, (2, 16))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with mock.patch("torch.nn.functional.scaled_dot_product_attention", wraps=sdpa) as fused, \
+            mock.patch.object(Exact, "matmul", wraps=Exact.matmul, autospec=True) as unfused:
+        model(idx)
+    assert fused.call_count == 2 and unfused.call_count == 0
 
 
 def test_autocast_fp16_runs_matmuls_in_fp16_and_keeps_fp32_grads() -> None:

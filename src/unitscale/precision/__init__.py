@@ -10,7 +10,6 @@ fqn) -> bool`` (as in torchao) leaves the modules it rejects untouched.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,6 +131,8 @@ def plan(
             why += f"; {kind} matmuls stay in high precision (INT4 paper: linear layers only)"
         elif sub.backend == "fp8" and backend == "simulate":
             why += "; no CUDA: fp8 falls back to simulate"
+        elif sub.backend == "fp8" and backend == "exact":
+            why += f"; {kind} matmuls are batched (_scaled_mm is 2-D): torch's fused SDPA, compute dtype"
         if not owns and type(module).forward is not nn.Linear.forward:
             why += f"; {type(module).__name__}.forward reaches the backend only through nn.Linear.forward"
         rows.append(MatmulPlan(path, kind, sub, backend, why))
@@ -157,6 +158,10 @@ def _backend_name(recipe: Recipe, kind: str) -> str:
         return "exact"
     if recipe.backend == "fp8" and not torch.cuda.is_available():
         return "simulate"
+    if recipe.backend == "fp8" and kind == "attention":
+        # Fp8Backend runs batched matmuls in the compute dtype anyway; with no backend the attention module
+        # calls torch's fused scaled_dot_product_attention (flash attention) instead of matmul-softmax-matmul.
+        return "exact"
     if recipe.backend == "simulate" and not recipe.quantises:
         return "exact"
     return recipe.backend
@@ -181,12 +186,8 @@ def backend_for(module: nn.Module, recipe: Recipe, kind: str | None = None) -> A
     if name == "int4":
         from unitscale.precision.int4 import Int4Config, int4_backend_for
 
-        config = recipe.int4_config or Int4Config.hq_lss()
-        fan_in = module.weight.shape[-1]
-        if config.hadamard and fan_in % config.block_size:
-            # The Hadamard block must divide the reduction dim: the largest power of two that does.
-            config = config.replace(block_size=math.gcd(fan_in, config.block_size))
-        return int4_backend_for(module, config)
+        # A fan-in that is not a multiple of the Hadamard block is zero-padded by the layer (exact).
+        return int4_backend_for(module, recipe.int4_config or Int4Config.hq_lss())
     from unitscale.precision.fp8 import fp8_backend_for  # Hopper only
 
     return fp8_backend_for(module, recipe)

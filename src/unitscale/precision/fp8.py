@@ -119,14 +119,6 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _use_triton(t: Tensor) -> bool:
-    if not t.is_cuda or torch.compiler.is_compiling():
-        return False  # compiled graphs: Inductor fuses the torch ops below into one kernel
-    from unitscale.precision.fp8_kernels import TRITON_AVAILABLE
-
-    return TRITON_AVAILABLE
-
-
 def cast_pair(
     t: Tensor,
     inv_scale: float | Tensor,
@@ -139,22 +131,14 @@ def cast_pair(
     """(q, qᵀ contiguous) with q = fp8(clamp(ρ(t)·inv_scale, ±max)) for a 2-D ``t``; None where not asked.
 
     ρ rounds to ``round_to`` first (the compute dtype, i.e. what the simulate backend would quantise).
-    CUDA eager: one fused Triton pass (fp8_kernels); elsewhere torch ops (fused by Inductor when compiled).
+    One registered op (fp8_kernels.fp8_cast_pair): the fused Triton pass on CUDA, eager or compiled (no
+    graph break), torch ops elsewhere.
     """
-    if _use_triton(t):
-        from unitscale.precision.fp8_kernels import cast_transpose
+    from unitscale.precision.fp8_kernels import fp8_cast_pair
 
-        if not isinstance(inv_scale, Tensor):
-            inv_scale = _const(inv_scale, t.device)
-        pre = round_to if round_to is not None and round_to != t.dtype else None
-        return cast_transpose(t, inv_scale.reshape(1), dtype, round_to=pre, write_row=write_row,
-                              write_col=write_col)
-    y = t.to(round_to) if round_to is not None else t
-    if isinstance(inv_scale, Tensor) or inv_scale != 1.0:
-        y = y.float() * inv_scale  # fp32: a power-of-two rescale of fp16 input must not overflow
-    fmax = torch.finfo(dtype).max
-    q = y.clamp(-fmax, fmax).to(dtype)  # explicit clamp: eager casts saturate only from torch 2.12 on
-    return (q if write_row else None), (q.t().contiguous() if write_col else None)
+    if not isinstance(inv_scale, Tensor):
+        inv_scale = _const(inv_scale, t.device)
+    return fp8_cast_pair(t, inv_scale, dtype, round_to=round_to, write_row=write_row, write_col=write_col)
 
 
 _CONSTS: dict[tuple[float, torch.device], Tensor] = {}
