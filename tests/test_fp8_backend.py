@@ -390,7 +390,7 @@ def _op_calls(graphs) -> int:
 def test_compile_traces_the_registered_cast_op_without_graph_breaks(autocast):
     # The compiled path must run the fused cast op (on CUDA: the Triton kernel), not Inductor's own cast.
     torch._dynamo.reset()
-    be = Fp8Backend(dispatch=ALWAYS, cache_weights=False)
+    be = Fp8Backend(dispatch=ALWAYS)
     x, w, b, g = inputs((2, 32), 64, 32, seed=5)
 
     def step(x, w, b):
