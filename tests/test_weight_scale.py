@@ -137,3 +137,28 @@ def test_recipes_scale_weights_except_the_paper_ones():
     scaled = apply(nn.Sequential(lin), "fp8")[0].precision.cast_forward(w, "weight")
     paper = apply(nn.Sequential(nn.Linear(64, 64)), "fp8-paper")[0].precision.cast_forward(w, "weight")
     assert snr64(w, scaled) > 1.3 * snr64(w, paper)
+
+
+@pytest.mark.parametrize("backend_name", ["simulate", "fp8"])
+def test_monitor_sees_the_scaled_weight_the_cast_rounds(backend_name):
+    # σ = 0.02 weights cast with their power-of-two scale: the monitor must report W/s (RMS ≈ 0.02·2^k, no
+    # subnormals), not W, in both backends (one rule: precision.scales).
+    from unitscale.monitor import ScaleMonitor
+    from unitscale.nn import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(64, 32)
+    nn.init.normal_(layer.weight, std=0.02)
+    layer.precision = (
+        Simulate("e4m3", "e4m3", "e5m2", weight_scale="pow2_amax")
+        if backend_name == "simulate"
+        else Fp8Backend(dispatch=Dispatch.always(), weight_scale="pow2_amax")
+    )
+    k = largest_k(float(layer.weight.abs().max()))
+    monitor = ScaleMonitor(layer, every=1)
+    with monitor.step(1):
+        layer(torch.randn(16, 64)).sum().backward()
+    stats = {s.tensor: s for s in monitor.last}["weight"]
+    expected = float(layer.weight.detach().double().pow(2).mean().sqrt()) * 2.0**k
+    assert stats.rms == pytest.approx(expected, rel=1e-5)
+    assert stats.subnormal < 0.01  # unscaled, 57 % of these weights would be subnormal in E4M3
