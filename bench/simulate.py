@@ -2,7 +2,7 @@
 
     python bench/simulate.py                                  # CPU, full sizes, eager and compiled
     python bench/simulate.py --quick --no-compile --out /tmp/q.json  # seconds: the test-suite smoke run
-    python bench/simulate.py --compare bench/results/simulate_cpu_before.json bench/results/simulate_cpu_after.json
+    python bench/simulate.py --compare bench/results/simulate_cpu_{before,after}.json
 
 Two sections, each one interleaved (round-robin, rotating start) run so machine noise hits every arm alike;
 every ratio divides two medians of the same run:
@@ -155,12 +155,22 @@ def bench_quantise(args: argparse.Namespace) -> list[dict[str, Any]]:
                 sfx = "|compiled" if mode == "compiled" else ""
                 q, clone = med.get(f"{name}:{rounding}{sfx}"), med.get(f"clone{sfx}")
                 native = med.get(f"native:{name}{sfx}") if rounding == "nearest" else None
-                rows.append({
-                    "format": name, "rounding": rounding, "mode": mode, "quantise_ms": q, "clone_ms": clone,
-                    "native_ms": native, "vs_clone": _ratio(q, clone), "native_vs_clone": _ratio(native, clone),
-                    "vs_native": _ratio(q, native),
-                    "compiled_exact": exact.get(name) if mode == "compiled" and rounding == "nearest" else None,
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "format": name,
+                        "rounding": rounding,
+                        "mode": mode,
+                        "quantise_ms": q,
+                        "clone_ms": clone,
+                        "native_ms": native,
+                        "vs_clone": _ratio(q, clone),
+                        "native_vs_clone": _ratio(native, clone),
+                        "vs_native": _ratio(q, native),
+                        "compiled_exact": exact.get(name)
+                        if mode == "compiled" and rounding == "nearest"
+                        else None,
+                    }
+                )
     return rows
 
 
@@ -174,8 +184,12 @@ def _recipe(name: str):
 
     if name == "bf16-sim":
         return Recipe(name="bf16-sim", weight_format="bf16", activation_format="bf16", grad_format="bf16")
-    return {"fp32": Recipe.fp32, "fp16-sim": Recipe.fp16_simulated, "fp8-sim": Recipe.fp8,
-            "int4": Recipe.int4}[name]()  # fmt: skip
+    return {
+        "fp32": Recipe.fp32,
+        "fp16-sim": Recipe.fp16_simulated,
+        "fp8-sim": Recipe.fp8,
+        "int4": Recipe.int4,
+    }[name]()
 
 
 def make_step(recipe: str, scaling: str, compile_: bool, args: argparse.Namespace) -> Callable[[], None]:
@@ -183,8 +197,9 @@ def make_step(recipe: str, scaling: str, compile_: bool, args: argparse.Namespac
     from unitscale.precision import apply
 
     torch.manual_seed(0)
-    model = build("gpt", args.vocab, scaling=scaling, d_model=args.d_model, n_layers=args.layers,
-                  seq_len=args.seq).to(args.device)  # fmt: skip
+    model = build(
+        "gpt", args.vocab, scaling=scaling, d_model=args.d_model, n_layers=args.layers, seq_len=args.seq
+    ).to(args.device)
     apply(model, _recipe(recipe))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)
@@ -214,12 +229,18 @@ def bench_step(args: argparse.Namespace) -> list[dict[str, Any]]:
         for scaling in SCALINGS:
             for mode in modes:
                 ms = med.get(f"{recipe}|{scaling}|{mode}")
-                rows.append({
-                    "recipe": recipe, "scaling": scaling, "mode": mode, "step_ms": ms,
-                    "vs_fp32": _ratio(ms, med.get(f"fp32|{scaling}|{mode}")),
-                    "unit_vs_standard": _ratio(ms, med.get(f"{recipe}|standard|{mode}")) if scaling == "unit"
-                    else None,
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "recipe": recipe,
+                        "scaling": scaling,
+                        "mode": mode,
+                        "step_ms": ms,
+                        "vs_fp32": _ratio(ms, med.get(f"fp32|{scaling}|{mode}")),
+                        "unit_vs_standard": _ratio(ms, med.get(f"{recipe}|standard|{mode}"))
+                        if scaling == "unit"
+                        else None,
+                    }
+                )
     return rows
 
 
@@ -238,22 +259,36 @@ def _f(v: Any, digits: int = 2) -> str:
 
 def markdown(payload: dict[str, Any]) -> str:
     env = payload["environment"]
-    lines = [f"# bench/simulate.py: {env.get('device', 'cpu')}, torch {env['torch']}, "
-             f"{payload['config']['threads']} thread(s)", "", f"`{env['command']}` (commit {env['git_commit']})",
-             "", f"## quantise, {payload['config']['n']}² fp32 (ratios of medians, one interleaved run)", "",
-             "| format | rounding | mode | ms | × clone | native × clone | × native | compiled = eager |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# bench/simulate.py: {env.get('device', 'cpu')}, torch {env['torch']}, "
+        f"{payload['config']['threads']} thread(s)",
+        "",
+        f"`{env['command']}` (commit {env['git_commit']})",
+        "",
+        f"## quantise, {payload['config']['n']}² fp32 (ratios of medians, one interleaved run)",
+        "",
+        "| format | rounding | mode | ms | × clone | native × clone | × native | compiled = eager |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in payload["quantise"]:
-        lines.append(f"| {r['format']} | {r['rounding']} | {r['mode']} | {_f(r['quantise_ms'], 1)} | "
-                     f"{_f(r['vs_clone'])} | {_f(r['native_vs_clone'])} | {_f(r['vs_native'])} | "
-                     f"{_f(r['compiled_exact'])} |")  # fmt: skip
+        lines.append(
+            f"| {r['format']} | {r['rounding']} | {r['mode']} | {_f(r['quantise_ms'], 1)} | "
+            f"{_f(r['vs_clone'])} | {_f(r['native_vs_clone'])} | {_f(r['vs_native'])} | "
+            f"{_f(r['compiled_exact'])} |"
+        )
     c = payload["config"]
-    lines += ["", f"## training step, gpt d={c['d_model']}, {c['layers']} layers, seq {c['seq']}, "
-              f"batch {c['batch']}", "", "| recipe | scaling | mode | ms | × fp32 | unit × standard |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        f"## training step, gpt d={c['d_model']}, {c['layers']} layers, seq {c['seq']}, batch {c['batch']}",
+        "",
+        "| recipe | scaling | mode | ms | × fp32 | unit × standard |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in payload["step"]:
-        lines.append(f"| {r['recipe']} | {r['scaling']} | {r['mode']} | {_f(r['step_ms'], 1)} | "
-                     f"{_f(r['vs_fp32'])} | {_f(r['unit_vs_standard'], 3)} |")
+        lines.append(
+            f"| {r['recipe']} | {r['scaling']} | {r['mode']} | {_f(r['step_ms'], 1)} | "
+            f"{_f(r['vs_fp32'])} | {_f(r['unit_vs_standard'], 3)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -261,8 +296,10 @@ def compare(before: Path, after: Path) -> str:
     """B's ratios next to A's for every row present in both."""
     a, b = json.loads(before.read_text()), json.loads(after.read_text())
     out = []
-    for section, keys, ratios in (("quantise", ("format", "rounding", "mode"), ("vs_clone", "vs_native")),
-                                  ("step", ("recipe", "scaling", "mode"), ("vs_fp32", "unit_vs_standard"))):
+    for section, keys, ratios in (
+        ("quantise", ("format", "rounding", "mode"), ("vs_clone", "vs_native")),
+        ("step", ("recipe", "scaling", "mode"), ("vs_fp32", "unit_vs_standard")),
+    ):
         old = {tuple(r[k] for k in keys): r for r in a.get(section, [])}
         rows = []
         for r in b.get(section, []):
@@ -312,8 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         print(compare(*args.compare))
         return 0
     torch.set_num_threads(args.threads)
-    payload: dict[str, Any] = {"environment": {**environment(), "device": environment().get("device", args.device)},
-                               "config": {k: v for k, v in vars(args).items() if k not in ("compare",)}}  # fmt: skip
+    payload: dict[str, Any] = {
+        "environment": {**environment(), "device": environment().get("device", args.device)},
+        "config": {k: v for k, v in vars(args).items() if k not in ("compare",)},
+    }
     payload["quantise"] = [] if "quantise" in args.skip else bench_quantise(args)
     payload["step"] = [] if "step" in args.skip else bench_step(args)
     out = Path(args.out) if args.out.endswith(".json") else RESULTS / f"{args.out}.json"

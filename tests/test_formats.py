@@ -642,8 +642,8 @@ def test_compiled_quantise_rounds_like_eager(name):
     # Inductor drops a to(float16).to(float32) round trip; compiled simulation must still round (and saturate)
     torch._dynamo.reset()  # one lambda per format and mode: keep clear of the recompile limit
     f = get_format(name)
-    x = torch.cat([log_uniform(4096, -30, 20, seed=12),
-                   torch.tensor([1 + 2**-12, 1 / 3, INF, -INF, NAN, -0.0, 3e38, -f.min_subnormal / 2])])  # fmt: skip
+    special = torch.tensor([1 + 2**-12, 1 / 3, INF, -INF, NAN, -0.0, 3e38, -f.min_subnormal / 2])
+    x = torch.cat([log_uniform(4096, -30, 20, seed=12), special])
     for saturate in (True, False):
         fn = torch.compile(lambda t, s=saturate: quantise(t, name, saturate=s), fullgraph=True, dynamic=False)
         q = fn(x)
