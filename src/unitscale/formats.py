@@ -401,10 +401,16 @@ def quantise(
     fp32 (fp64 for fp64 x), so the bias is 0 whenever x has ≤ 24 (53) bits below the ulp it is rounded to,
     else ≤ 2^-24 (2^-53) ulp.
 
-    saturate=True: clamp to ±max first, so overflow and ±inf give ±max. saturate=False: beyond the RNE
-    boundary (max + ulp/2; a tie overflows unless max has an even last mantissa bit, as in fp8_e4b) the
-    result is ±inf for fp32/tf32/bf16/fp16/fp8_e5b and NaN for fp8_e4b/fp8_e4a/fp8_e5a (no inf), ±inf
-    input alike. NaN stays NaN; -0 stays -0 except in the fnuz formats (fp8_e4a, fp8_e5a), which give +0.
+    saturate=True: finite values are clamped to ±max first, so finite overflow gives ±max. saturate=False:
+    beyond the RNE boundary (max + ulp/2; a tie overflows unless max has an even last mantissa bit, as in
+    fp8_e4b) the result is ±inf for fp32/tf32/bf16/fp16/fp8_e5b and NaN for fp8_e4b/fp8_e4a/fp8_e5a (no
+    inf). Either way ±inf input gives that overflow value and NaN stays NaN: a non-finite value is never
+    made finite (docs/theory.md, Special values and saturation). -0 stays -0 except in the fnuz formats
+    (fp8_e4a, fp8_e5a), which give +0.
+
+    Cost (bench/simulate.py): fp32 input with every |x| < max takes torch's own cast (fp8 decoded by bit
+    moves); otherwise, and always under torch.compile, integer arithmetic on the fp32 bit pattern that
+    Inductor fuses into one kernel (its elision of a to(float16).to(float32) round trip cannot skip it).
 
     The result is cast back to x.dtype, which is exact unless x.dtype is narrower than the format (e.g.
     fp16 input to bf16: bf16 values above 65504 overflow in the cast back). It is computed outside autograd
