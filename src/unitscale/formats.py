@@ -430,17 +430,14 @@ def quantise(
     if fmt.name == "fp32" and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return x.detach()  # already on the grid; saturation and specials change nothing
     if x.dtype == torch.float32:
-        # Eager on CPU: torch's cast where nothing needs saturating (one read pass decides); otherwise, and
-        # always under torch.compile (Inductor drops a to(fp16).to(fp32) round trip), the bit arithmetic.
-        if (
-            rounding == "nearest"
-            and fmt.torch_dtype is not None
-            and not torch.compiler.is_compiling()
-            and x.device.type == "cpu"
-            and _in_range(x, fmt)
-        ):
+        # Under torch.compile: the bit arithmetic, one fused kernel (Inductor drops a to(fp16).to(fp32) round
+        # trip). Eager on CPU: torch's cast, without a clamp where nothing needs saturating (one read pass).
+        compiling = torch.compiler.is_compiling()
+        eager_cast = rounding == "nearest" and fmt.torch_dtype is not None and not compiling
+        if eager_cast and x.device.type == "cpu" and _in_range(x, fmt):
             return _round_cast_fp32(x, fmt)
-        return _round_bits(x, fmt, rounding, saturate, generator)
+        if not (eager_cast and (saturate or fmt.bits >= 16)):
+            return _round_bits(x, fmt, rounding, saturate, generator)
     # Cast overflow differs between torch versions for the fp8 dtypes, so only 16/32-bit IEEE casts
     # (standard overflow to inf) take the cast path without saturation.
     fast = fmt.torch_dtype is not None and (saturate or fmt.bits >= 16)
