@@ -349,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         print(compare(*args.compare))
         return 0
     torch.set_num_threads(args.threads)
+    # every compiled arm shares one code object (a lambda, CharLM.forward): past dynamo's recompile limit
+    # (8) it would silently run eager
+    torch._dynamo.config.cache_size_limit = 1024
+    torch._dynamo.config.accumulated_cache_size_limit = 4096
     payload: dict[str, Any] = {
         "environment": {**environment(), "device": environment().get("device", args.device)},
         "config": {k: v for k, v in vars(args).items() if k not in ("compare",)},
