@@ -11,7 +11,9 @@ from unitscale.precision.backend import Exact, Role
 class Simulate(Exact):
     """Rounds each matmul input (forward) and each matmul output gradient (backward) to its format.
 
-    Values are saturated to ±max (the behaviour of a scaled FP8 cast on hardware); RNE by default,
+    ``saturate`` clamps finite values beyond ±max to ±max (a scaled FP8 cast on hardware, set by the FP8
+    recipes); without it they overflow to inf (NaN in formats without inf) like a real FP16 cast, so a
+    simulated run diverges where the real one does. ±inf and NaN are never made finite. RNE by default,
     stochastic rounding for gradients when asked. Everything else runs in the compute dtype.
     """
 
@@ -23,6 +25,7 @@ class Simulate(Exact):
         activation_format: str | None,
         grad_format: str | None,
         grad_rounding: str = "nearest",
+        saturate: bool = False,
     ) -> None:
         self.formats = {
             "weight": get_format(weight_format) if weight_format else None,
@@ -30,16 +33,20 @@ class Simulate(Exact):
         }
         self.grad_format = get_format(grad_format) if grad_format else None
         self.grad_rounding = grad_rounding
+        self.saturate = saturate
 
     def cast_forward(self, t: Tensor, role: Role) -> Tensor:
         fmt = self.formats[role]
-        return t if fmt is None else quantise(t, fmt)
+        return t if fmt is None else quantise(t, fmt, saturate=self.saturate)
 
     def cast_backward(self, grad: Tensor) -> Tensor:
         fmt = self.grad_format
-        return grad if fmt is None else quantise(grad, fmt, rounding=self.grad_rounding)
+        return grad if fmt is None else quantise(grad, fmt, self.grad_rounding, saturate=self.saturate)
 
     def __repr__(self) -> str:
         w, a = (f.name if f else None for f in self.formats.values())
         g = self.grad_format.name if self.grad_format else None
-        return f"Simulate(weight={w}, activation={a}, grad={g}, grad_rounding={self.grad_rounding!r})"
+        return (
+            f"Simulate(weight={w}, activation={a}, grad={g}, grad_rounding={self.grad_rounding!r}, "
+            f"saturate={self.saturate})"
+        )
