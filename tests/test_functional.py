@@ -685,9 +685,9 @@ def test_matmul_scales_errors(left, right, constraint, match):
 
 
 def test_attention_probabilities_enter_the_backend_scaled_into_e4m3_normal_range():
-    """The PV matmul receives P·2^8 (rules.attention_probs_scale; a backend naming no format): causal rows at s = 512 carry P ≈ 1/(i+1),
-    mostly below E4M3's smallest normal 2^-6; scaled, almost all are normal and the largest (p = 1, row 0)
-    is 256, below E4M3's max 448."""
+    """The PV matmul receives P·2^8 (``rules.attention_probs_scale`` of a backend naming no format): causal
+    rows at s = 512 carry P ≈ 1/(i+1), mostly below E4M3's smallest normal 2^-6; scaled, almost all are
+    normal and the largest (p = 1, row 0) is 256, below E4M3's max 448."""
     from unitscale.formats import get_format
 
     seen: list[torch.Tensor] = []
