@@ -41,10 +41,10 @@ def test_charlm_embedding_tables_get_unit_gradients_at_init(monkeypatch):
     itself stays unit.
 
     Tolerance: each σ is estimated from V·d = 256·64 (token) and T·d = 128·64 (position) entries, a
-    standard error of σ/√(2n) ≤ 0.6% if they were independent; the entries share the same few hundred
-    upstream token gradients and row counts (Poisson, b·t/V per token row), and the σ measured over seeds
-    0…4 ranged 0.98 … 1.04, so ±0.1 (≥ 10× the spread around 1) holds with margin and still separates the
-    old 0.73."""
+    standard error of σ/√(2n) ≤ 0.8% if they were independent; they are not (a position row sums the 16
+    gradients of one position, a token row a Poisson number of them), and over seeds 0…4 the measured σ
+    ranged 0.99…1.07 (token) and 0.99…1.09 (position), sd ≈ 0.03 and 0.04. ±0.15 is ≥ 3.5 sd of that
+    spread and rejects the old 0.71 / 0.72 (seed 0 here: 1.00 / 1.02)."""
     seen: list[torch.Tensor] = []
     original = U.weighted_add
 
@@ -66,4 +66,4 @@ def test_charlm_embedding_tables_get_unit_gradients_at_init(monkeypatch):
     print(f"embedding gradient σ: token {sigma_tok:.3f}, position {sigma_pos:.3f}; sum σ {seen[0].std():.3f}")
     assert len(seen) == 1
     assert abs(seen[0].std().item() - 1) < 0.05  # 16·128·64 entries of a unit sum
-    assert abs(sigma_tok - 1) < 0.1 and abs(sigma_pos - 1) < 0.1
+    assert abs(sigma_tok - 1) < 0.15 and abs(sigma_pos - 1) < 0.15

@@ -346,7 +346,8 @@ def weighted_add_rule(left_weight: float, right_weight: float, cut: tuple[str, .
     if unknown:
         raise ValueError(f"weighted add: unknown cut input(s) {unknown!r}; accepted: 'left', 'right'")
     betas = {"left": 1.0 if "left" in cut else a, "right": 1.0 if "right" in cut else c}
-    return OpScales(1.0, betas, (), "β = weight on non-cut inputs (α = β), 1 on cut inputs")
+    note = "α = β per input by construction" if not cut else "cut inputs: β = 1 (the output gradient is unit)"
+    return OpScales(1.0, betas, (), note)
 
 
 def check_tau(tau: float, *, allow_one: bool = False) -> float:
@@ -506,6 +507,13 @@ def _doc_rows() -> list[tuple[str, str, str, str, OpScales]]:
             "a, c (true gradient)",
             "a=c=2^-½",
             weighted_add_rule(2**-0.5, 2**-0.5),
+        ),
+        (
+            "weighted add, cut inputs (token + position tables)",
+            "a on x, c on y",
+            "1 on a cut input",
+            "a=c=2^-½, both cut",
+            weighted_add_rule(2**-0.5, 2**-0.5, ("left", "right")),
         ),
         (
             "residual split/add (τ)",
