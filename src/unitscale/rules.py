@@ -504,16 +504,9 @@ def _doc_rows() -> list[tuple[str, str, str, str, OpScales]]:
         (
             "weighted add a·x + c·y, a²+c²=1",
             "a on x, c on y",
-            "a, c (true gradient)",
+            "a, c (true gradient); 1 on a cut input",
             "a=c=2^-½",
             weighted_add_rule(2**-0.5, 2**-0.5),
-        ),
-        (
-            "weighted add, cut inputs (token + position tables)",
-            "a on x, c on y",
-            "1 on a cut input",
-            "a=c=2^-½, both cut",
-            weighted_add_rule(2**-0.5, 2**-0.5, ("left", "right")),
         ),
         (
             "residual split/add (τ)",
