@@ -30,7 +30,7 @@ def make(device: torch.device, weight_scale: str) -> tuple[torch.nn.Module, list
     model = build("gpt", VOCAB, scaling="unit", d_model=128, n_layers=2, n_heads=2, seq_len=64).to(device)
     apply(model, "fp8")  # simulate backend everywhere; main() puts the linears on FP8 GEMMs
     linears = [r.path for r in plan(model, "fp8") if r.kind == "linear"]
-    sim = Simulate("fp8_e4b", "fp8_e4b", "fp8_e5b", weight_scale=weight_scale)
+    sim = Simulate("fp8_e4b", "fp8_e4b", "fp8_e5b", saturate=True, weight_scale=weight_scale)
     for path in linears:
         model.get_submodule(path).precision = sim
     return model, linears

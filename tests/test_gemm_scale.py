@@ -20,7 +20,7 @@ ROWS, K, N, LOSS_SCALE = 4096, 64, 64, 2048.0
 BACKENDS = {
     "exact": EXACT,
     "simulate-fp16": Simulate("fp16", "fp16", "fp16"),
-    "simulate-fp8": Simulate("e4m3", "e4m3", "e5m2", weight_scale="pow2_amax"),
+    "simulate-fp8": Simulate("e4m3", "e4m3", "e5m2", saturate=True, weight_scale="pow2_amax"),
     "fp8": Fp8Backend(dispatch=Dispatch.always()),
 }
 

@@ -69,8 +69,9 @@ def test_snr_of_small_weights_in_e4m3_with_and_without_the_scale():
     amax = float(w.abs().max())
     k = largest_k(amax)
     ref_scaled, ref_unscaled = torch_cast64(w, k), torch_cast64(w, 0)
-    scaled = Simulate("e4m3", None, None, weight_scale="pow2_amax").cast_forward(w, "weight")
-    unscaled = Simulate("e4m3", None, None).cast_forward(w, "weight")
+    with_scale = Simulate("e4m3", None, None, saturate=True, weight_scale="pow2_amax")
+    scaled = with_scale.cast_forward(w, "weight")
+    unscaled = Simulate("e4m3", None, None, saturate=True).cast_forward(w, "weight")
     assert torch.equal(scaled.double(), ref_scaled) and torch.equal(unscaled.double(), ref_unscaled)
     snr_scaled, snr_unscaled = snr64(w, scaled), snr64(w, unscaled)
     assert 850 < snr_unscaled < 1000  # measured 915.6 with this seed
@@ -79,7 +80,7 @@ def test_snr_of_small_weights_in_e4m3_with_and_without_the_scale():
     assert float((scaled == 0).double().mean()) < 1e-4
     # Unit tensors lose nothing by being scaled: within 1 % of the unscaled SNR at σ = 1.
     unit = torch.randn(2**20, generator=gen)
-    s_unit = Simulate("e4m3", None, None, weight_scale="pow2_amax").cast_forward(unit, "weight")
+    s_unit = with_scale.cast_forward(unit, "weight")
     assert snr64(unit, s_unit) > 0.99 * snr64(unit, torch_cast64(unit, 0))
 
 
@@ -89,7 +90,7 @@ def test_snr_of_small_weights_in_e4m3_with_and_without_the_scale():
 def test_simulate_and_fp8_backends_cast_weights_identically(sigma, compute, mode):
     gen = torch.Generator().manual_seed(3)
     w = (sigma * torch.randn(48, 64, generator=gen)).to(compute)
-    sim = Simulate("e4m3", "e4m3", "e5m2", weight_scale=mode).cast_forward(w, "weight")
+    sim = Simulate("e4m3", "e4m3", "e5m2", saturate=True, weight_scale=mode).cast_forward(w, "weight")
     w8, w8t, s_w = Fp8Backend(weight_scale=mode).weight_fp8(w, E4, compute)
     assert torch.equal(sim.double(), w8.double() * float(s_w))
     assert torch.equal(w8.t(), w8t)
@@ -103,8 +104,8 @@ def test_linear_outputs_match_across_backends_with_the_weight_scale():
     g = torch.randn(64, 32, generator=gen)
     backends = {
         "fp8": Fp8Backend(dispatch=Dispatch.always(), weight_scale="pow2_amax"),
-        "sim": Simulate("e4m3", "e4m3", "e5m2", weight_scale="pow2_amax"),
-        "paper": Simulate("e4m3", "e4m3", "e5m2"),
+        "sim": Simulate("e4m3", "e4m3", "e5m2", saturate=True, weight_scale="pow2_amax"),
+        "paper": Simulate("e4m3", "e4m3", "e5m2", saturate=True),
     }
     outs = {}
     for name, be in backends.items():
@@ -150,7 +151,7 @@ def test_monitor_sees_the_scaled_weight_the_cast_rounds(backend_name):
     layer = Linear(64, 32)
     nn.init.normal_(layer.weight, std=0.02)
     layer.precision = (
-        Simulate("e4m3", "e4m3", "e5m2", weight_scale="pow2_amax")
+        Simulate("e4m3", "e4m3", "e5m2", saturate=True, weight_scale="pow2_amax")
         if backend_name == "simulate"
         else Fp8Backend(dispatch=Dispatch.always(), weight_scale="pow2_amax")
     )

@@ -282,7 +282,8 @@ class CharLM(nn.Module):
         if self.pos is not None:
             # Look up every (batch, position) so the embedding rule sees all b·t uses of the table.
             pos = self.pos(torch.arange(t, device=idx.device).expand(b, t))
-            x = U.weighted_add(x, pos, math.sqrt(0.5), math.sqrt(0.5)) if self.cfg.unit else x + pos
+            cut = ("left", "right")  # both tables are added once (cut edges): gradients pass unscaled
+            x = U.weighted_add(x, pos, math.sqrt(0.5), math.sqrt(0.5), cut=cut) if self.cfg.unit else x + pos
         for block in self.blocks:
             x = block(x)
         logits = self._readout(self.norm(x))

@@ -148,8 +148,9 @@ def _effective(sub: Recipe, top: Recipe, why: str) -> tuple[Recipe, str]:
     fmt = _DTYPE_FORMATS.get(sub.compute_dtype)
     if sub is top or sub.quantises or sub.compute_dtype == top.compute_dtype or fmt is None:
         return sub, why
-    simulated = dataclasses.replace(sub, weight_format=fmt, activation_format=fmt, grad_format=fmt,
-                                    compute_dtype=top.compute_dtype)
+    simulated = dataclasses.replace(
+        sub, weight_format=fmt, activation_format=fmt, grad_format=fmt, compute_dtype=top.compute_dtype
+    )
     return simulated, f"{why}; {fmt} rounding simulated in {str(top.compute_dtype).split('.')[-1]} compute"
 
 
@@ -171,8 +172,14 @@ def _backend_name(recipe: Recipe, kind: str) -> str:
 def _shared_simulate(recipe: Recipe) -> Exact:
     from unitscale.precision.simulate import Simulate
 
-    return Simulate(recipe.weight_format, recipe.activation_format, recipe.grad_format, recipe.grad_rounding,
-                    weight_scale=recipe.weight_scale)
+    return Simulate(
+        recipe.weight_format,
+        recipe.activation_format,
+        recipe.grad_format,
+        recipe.grad_rounding,
+        recipe.saturate,
+        weight_scale=recipe.weight_scale,
+    )
 
 
 def backend_for(module: nn.Module, recipe: Recipe, kind: str | None = None) -> Any:

@@ -18,8 +18,17 @@ BACKENDS = ("simulate", "fp8", "int4")
 ROUNDINGS = ("nearest", "stochastic")
 # u-μP's "critical matmuls": kept in BF16 when everything else runs in FP8 (attention output projection,
 # FFN down projection, the head), for the char-LMs (body.out / body.down), unitscale.nn and BERT-style names.
-CRITICAL_MATMULS = ("lm_head", "*.lm_head", "*.body.out", "*.body.down", "*.attn.out", "*.self_attn.out",
-                    "*.mlp.down", "*.attention.output.dense", "*.output.dense")
+CRITICAL_MATMULS = (
+    "lm_head",
+    "*.lm_head",
+    "*.body.out",
+    "*.body.down",
+    "*.attn.out",
+    "*.self_attn.out",
+    "*.mlp.down",
+    "*.attention.output.dense",
+    "*.output.dense",
+)
 HIGH_PRECISION_HEADS = ("lm_head", "*.lm_head", "classifier", "*.classifier", "head", "*.head")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +55,9 @@ class Recipe:
     backend: "simulate" (quantise in higher precision, any device), "fp8" (torch._scaled_mm on Hopper; falls
     back to simulate elsewhere) or "int4" (Hadamard quantiser + LSQ + bit split, see precision.int4).
     overrides: (glob on the module path, recipe) pairs, first match wins; e.g. ("lm_head", Recipe.bf16()).
+    saturate: clamp finite values beyond ±max to ±max when casting (a scaled FP8 cast on hardware; the FP8
+    recipes). Off: they overflow to inf (NaN where the format has none), as a real FP16 cast does. Either
+    way ±inf and NaN are never made finite (docs/theory.md, Special values and saturation).
     """
 
     name: str = "custom"
@@ -59,6 +71,7 @@ class Recipe:
     grad_rounding: str = "nearest"
     int4_config: Any = None
     overrides: tuple[tuple[str, Recipe], ...] = field(default=())
+    saturate: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -138,6 +151,7 @@ class Recipe:
             grad_format=e5,
             backend=backend,
             loss_scale=loss_scale,
+            saturate=True,
             weight_scale=weight_scale,
         )
 
