@@ -114,7 +114,7 @@ def check_compile(dev: str, dry: bool) -> dict:
 
     torch._dynamo.reset()
     m, k, n = (64, 64, 32) if dry else (1024, 1024, 512)
-    be = Fp8Backend(dispatch=Dispatch.always(), cache_weights=False)
+    be = Fp8Backend(dispatch=Dispatch.always())
     gen = torch.Generator(device=dev).manual_seed(1)
     x = torch.randn(m, k, generator=gen, device=dev, requires_grad=True)
     w = torch.randn(n, k, generator=gen, device=dev, requires_grad=True)

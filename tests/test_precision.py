@@ -36,6 +36,9 @@ NAMED = {
     "fp8-e4a": ((E4A, E4A, E5A), F32, None, "simulate", {}),
     "fp8-loss-scaled": ((E4B, E4B, E5B), F32, 2048.0, "simulate", {}),
     "fp8-hw": ((E4B, E4B, E5B), F32, None, "fp8", {}),
+    "fp8-paper": ((E4B, E4B, E5B), F32, None, "simulate", {}),
+    "fp8-paper-e4a": ((E4A, E4A, E5A), F32, None, "simulate", {}),
+    "fp8-paper-loss-scaled": ((E4B, E4B, E5B), F32, 2048.0, "simulate", {}),
     "fp8-critical-bf16": ((E4B, E4B, E5B), F32, None, "simulate",
                           {"lm_head": (B16, False), "blocks.1.body.down": (B16, False),
                            "blocks.0.body.out": (B16, False),
@@ -101,20 +104,25 @@ def test_fp8_recipe_formats() -> None:
         Recipe.fp8(variant="c")
 
 
-def test_quantised_linear_matches_torch_float8_casts() -> None:
+@pytest.mark.parametrize("recipe", ["fp8", "fp8-paper"])
+def test_quantised_linear_matches_torch_float8_casts(recipe: str) -> None:
     torch.manual_seed(0)
     lin = nn.Linear(64, 32)
     x = (torch.randn(16, 64) * 3).requires_grad_()
     ref_w = lin.weight.detach().clone()
-    apply(lin, "fp8")
+    apply(lin, recipe)
     assert isinstance(lin, QuantisedLinear)
     y = lin(x)
     g = torch.randn_like(y) * 1e-3
     y.backward(g)
     e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    # fp8 scales the weight by 2^k, the largest power of two keeping max|W|·2^k ≤ 448; fp8-paper by 1.
+    k = 0
+    while recipe == "fp8" and float(ref_w.abs().max()) * 2.0 ** (k + 1) <= 448.0:
+        k += 1
     xq, wq, gq = (
         _torch_cast(x.detach(), e4, 448.0),
-        _torch_cast(ref_w, e4, 448.0),
+        _torch_cast(ref_w * 2.0**k, e4, 448.0) * 2.0**-k,
         _torch_cast(g, e5, 57344.0),
     )
     torch.testing.assert_close(y, F.linear(xq, wq, lin.bias), rtol=0, atol=1e-5)

@@ -168,7 +168,7 @@ def test_triton_cast_bit_exact(dtype, src, round_to, inv, shape):
 def test_triton_and_torch_paths_give_the_same_linear():
     pytest.importorskip("triton")
     x, w, b, g = inputs((512,), 1024, 512, seed=8)
-    be = Fp8Backend(dispatch=ALWAYS, cache_weights=False)
+    be = Fp8Backend(dispatch=ALWAYS)
     eager = run(be.linear, x, w, b, g)  # eager CUDA: Triton casts
     with mock.patch("unitscale.precision.fp8_kernels.TRITON_AVAILABLE", False):  # the op's torch-ops path
         plain = run(be.linear, x, w, b, g)
@@ -203,7 +203,7 @@ def test_compiled_linear_runs_the_fused_triton_cast():
 
     torch._dynamo.reset()
     x, w, b, g = inputs((1024,), 1024, 512, seed=11)
-    be = Fp8Backend(dispatch=ALWAYS, cache_weights=False)
+    be = Fp8Backend(dispatch=ALWAYS)
     compiled = torch.compile(lambda x, w: be.linear(x, w), fullgraph=True)
     xr, wr = x.requires_grad_(), w.requires_grad_()
     _, code = run_and_get_code(lambda: compiled(xr, wr).backward(g))
