@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -19,11 +20,13 @@ from torch import Tensor
 
 from unitscale import rules
 from unitscale.precision.backend import EXACT
+from unitscale.precision.protocol import Backend
 from unitscale.scale import Constraint, check_constraint, scaled
 
 __all__ = [
     "add",
     "batch_norm",
+    "causal_conv1d",
     "conv",
     "cross_entropy",
     "dropout",
@@ -86,7 +89,9 @@ def matmul_scales(
     return alpha, betas["left"], betas["right"]
 
 
-def matmul(left: Tensor, right: Tensor, *, constraint: Constraint = "gmean", precision: Any = None) -> Tensor:
+def matmul(
+    left: Tensor, right: Tensor, *, constraint: Constraint = "gmean", precision: Backend | None = None
+) -> Tensor:
     """Scaled matmul of two activations, left (…, b, m) @ right (…, m, n), scales from
     :func:`matmul_scales`: alpha = m^-½; beta_left = n^-½; beta_right = b^-½, where b (n) counts every term
     summed into one element of ∂right (∂left), broadcast batch dims included. gmean: (b·m·n)^-⅙.
@@ -102,7 +107,7 @@ def linear(
     *,
     constraint: Constraint = "gmean",
     grad_rows: float | None = None,
-    precision: Any = None,
+    precision: Backend | None = None,
     fan_out: int | None = None,
 ) -> Tensor:
     """Scaled alpha·x Wᵀ + c, weight (out, in) as in torch (the bias is added after the scale).
@@ -122,7 +127,7 @@ def linear_readout(
     bias: Tensor | None = None,
     *,
     grad_rows: float | None = None,
-    precision: Any = None,
+    precision: Backend | None = None,
     fan_out: int | None = None,
 ) -> Tensor:
     """alpha·x Wᵀ + c after the last residual block (all edges cut): alpha = in^-½, beta_input = out^-½,
@@ -530,6 +535,63 @@ def conv(
         return y
     shape = (1, -1) + (1,) * nd if input.dim() == nd + 2 else (-1,) + (1,) * nd
     return y + scaled(bias, 1.0, betas["bias"]).reshape(shape)
+
+
+def causal_conv_shapes(input_channels: int, weight_shape: Sequence[int]) -> tuple[int, int, int, int]:
+    """(groups G, kernel k, C_in/G, C_out/G) of a causal conv weight (G, k·C_in/G, C_out/G); ValueError if
+    the weight does not fit ``input_channels``."""
+    if len(weight_shape) != 3 or input_channels % weight_shape[0] or weight_shape[1] % (
+        input_channels // weight_shape[0]
+    ):
+        raise ValueError(
+            f"causal_conv1d: weight {tuple(weight_shape)} does not fit {input_channels} input channels "
+            "(expected (groups, kernel·C_in/groups, C_out/groups))"
+        )
+    g = weight_shape[0]
+    return g, weight_shape[1] // (input_channels // g), input_channels // g, weight_shape[2]
+
+
+def causal_conv1d(
+    input: Tensor,
+    weight: Tensor,
+    *,
+    constraint: Constraint = "gmean",
+    grad_rows: float | None = None,
+    precision: Backend | None = None,
+) -> Tensor:
+    """Causal grouped 1-D convolution of ``input`` (batch, t, C_in) with kernel k: output position t sees
+    inputs t−k+1 … t. ``weight`` (G, k·C_in/G, C_out/G) is one matmul weight per group over the unfolded
+    windows (rows: tap j, group channel i at j·C_in/G + i), so each group is the matmul
+    (b·t × k·C_in/G) @ (k·C_in/G × C_out/G) and backends see an ordinary matmul.
+
+    Scales by ``rules.conv_rule`` (stride 1): alpha = (k·C_in/G)^-½; each input meets k windows and C_out/G
+    outputs, so beta_input = (k·C_out/G)^-½; beta_weight = (b·t)^-½ (or ``grad_rows``). Input constrained
+    (gmean: (k²·C_in·C_out/G²)^-¼); weight cut. See docs/theory.md, Causal convolution.
+    """
+    if input.dim() != 3:
+        raise ValueError(f"causal_conv1d expects input (batch, length, channels), got {tuple(input.shape)}")
+    b, t, c = input.shape
+    g, k, c_in, c_out = causal_conv_shapes(c, weight.shape)
+    alpha, betas = _conv_scales(c_in, c_out, k, _rows(input, c, grad_rows), check_constraint(constraint))
+    windows = F.pad(input, (0, 0, k - 1, 0)).unfold(1, k, 1)  # (b, t, c, k): window ends at position t
+    windows = windows.reshape(b * t, g, c_in, k).permute(1, 0, 3, 2).reshape(g, b * t, k * c_in)
+    y = (precision or EXACT).matmul(
+        windows,
+        weight,
+        alpha=alpha,
+        beta_a=betas["input"],
+        beta_b=betas["weight"],
+        roles=("activation", "weight"),
+    )
+    return y.permute(1, 0, 2).reshape(b, t, g * c_out)
+
+
+@lru_cache(maxsize=4096)
+def _conv_scales(
+    c_in: int, c_out: int, kernel: int, rows: float, constraint: Constraint
+) -> tuple[float, dict[str, float]]:
+    """Resolved causal-conv factors, once per shape (``rules.conv_rule``, stride 1)."""
+    return rules.conv_rule(c_in, c_out, kernel, 1, rows).resolve(constraint)
 
 
 def _conv_positions(input: Tensor, weight: Tensor, strides: tuple, padding: Any, dilation: Any) -> int:
