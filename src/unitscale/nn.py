@@ -149,7 +149,7 @@ class CausalConv1d(nn.Module):
 
     def plain_forward(self, input: Tensor) -> Tensor:
         """The forward in plain torch (a causal ``F.conv1d``, α folded), for ``unitscale.export``."""
-        return U.causal_conv1d.plain(input, self.weight, constraint=self.constraint)
+        return U.causal_conv1d.plain(input, self.weight, constraint=self.constraint, channels=self.channels)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, kernel_size={self.kernel_size}, groups={self.groups}"
