@@ -10,7 +10,7 @@ precision backend can cast its inputs; the scales are folded into the GEMMs ther
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -56,9 +56,7 @@ def _rows(input: Tensor, width: int, grad_rows: float | None) -> float:
     """Rows summed into a weight gradient: numel/width, or the caller's static ``grad_rows``."""
     if grad_rows is None:
         return max(input.numel() // max(width, 1), 1)
-    if isinstance(grad_rows, bool) or not isinstance(grad_rows, (int, float)) or not grad_rows > 0:
-        raise ValueError(f"grad_rows must be a positive number, got {grad_rows!r}")
-    return float(grad_rows)
+    return rules.check_grad_rows(grad_rows)  # type: ignore[return-value]
 
 
 # -- matmuls -------------------------------------------------------------------------------------------
@@ -146,10 +144,19 @@ def _linear(input, weight, bias, rule, constraint, grad_rows, precision, fan_out
             f"linear: bias shape {tuple(bias.shape)} does not match out_features={weight.shape[0]}"
         )
     out_f, in_f = weight.shape
-    alpha, betas = rule(in_f, fan_out or out_f, _rows(input, in_f, grad_rows)).resolve(constraint)
+    alpha, betas = _linear_scales(rule, in_f, fan_out or out_f, _rows(input, in_f, grad_rows), constraint)
     return (precision or EXACT).linear(
         input, weight, bias, alpha=alpha, beta_x=betas["input"], beta_w=betas["weight"], beta_b=betas["bias"]
     )
+
+
+@lru_cache(maxsize=4096)
+def _linear_scales(
+    rule: Callable[..., rules.OpScales], fan_in: int, fan_out: int, rows: float, constraint: Constraint
+) -> tuple[float, dict[str, float]]:
+    """A linear's resolved factors, once per (rule, shapes, rows, constraint): a module's scales are built
+    and validated when its shapes change, not on every call (callers must not mutate the dict)."""
+    return rule(fan_in, fan_out, rows).resolve(constraint)
 
 
 # -- embedding and norms -------------------------------------------------------------------------------
@@ -540,8 +547,10 @@ def conv(
 def causal_conv_shapes(input_channels: int, weight_shape: Sequence[int]) -> tuple[int, int, int, int]:
     """(groups G, kernel k, C_in/G, C_out/G) of a causal conv weight (G, k·C_in/G, C_out/G); ValueError if
     the weight does not fit ``input_channels``."""
-    if len(weight_shape) != 3 or input_channels % weight_shape[0] or weight_shape[1] % (
-        input_channels // weight_shape[0]
+    if (
+        len(weight_shape) != 3
+        or input_channels % weight_shape[0]
+        or weight_shape[1] % (input_channels // weight_shape[0])
     ):
         raise ValueError(
             f"causal_conv1d: weight {tuple(weight_shape)} does not fit {input_channels} input channels "

@@ -169,7 +169,9 @@ def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     return fn(input, weight * rule.resolve(constraint)[0], bias, stride, padding, dilation, groups)
 
 
-def causal_conv1d(input, weight, *, constraint="gmean", grad_rows=None, precision=None, channels=None) -> Tensor:
+def causal_conv1d(
+    input, weight, *, constraint="gmean", grad_rows=None, precision=None, channels=None
+) -> Tensor:
     """The same map as a causal ``F.conv1d`` over the left-padded input: window row j·C_in/G + i of W[g]
     (tap j, group channel i) is conv weight[g·C_out/G + o, i, j] = α·W[g, j·C_in/G + i, o], α folded in
     (it does not depend on the row count). ``channels`` (C_in, a module knows it) keeps the kernel size a

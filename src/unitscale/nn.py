@@ -7,7 +7,6 @@ static row count for the padding alignment of REFERENCE §4.3 (:func:`set_grad_r
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -475,7 +474,12 @@ class Residual(nn.Module):
     """
 
     def __init__(
-        self, body: nn.Module, tau: float, norm: nn.Module | None = None, *, norm_position: NormPosition = "pre"
+        self,
+        body: nn.Module,
+        tau: float,
+        norm: nn.Module | None = None,
+        *,
+        norm_position: NormPosition = "pre",
     ):
         super().__init__()
         if norm_position not in ("pre", "post"):
@@ -539,13 +543,7 @@ class TransformerLayer(nn.Module):
 def set_grad_rows(module: nn.Module, grad_rows: float | None) -> int:
     """Set ``grad_rows`` (batch × mean non-padding tokens; None = numel/width) on every submodule that has
     it; returns how many were set."""
-    if grad_rows is not None and (
-        isinstance(grad_rows, bool)
-        or not isinstance(grad_rows, (int, float))
-        or not grad_rows > 0
-        or not math.isfinite(grad_rows)
-    ):
-        raise ValueError(f"grad_rows must be a positive number or None, got {grad_rows!r}")
+    grad_rows = rules.check_grad_rows(grad_rows)
     count = 0
     for m in module.modules():
         if hasattr(m, "grad_rows"):

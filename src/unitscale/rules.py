@@ -339,8 +339,9 @@ def weighted_add_rule(left_weight: float, right_weight: float) -> OpScales:
     return OpScales(1.0, {"left": a, "right": c}, (), "α = β per input by construction")
 
 
-def check_tau(tau: float, *, allow_one: bool = False) -> float:
-    """τ in (0, 1) (fixed rule) or (0, 1] (running mean, where τ_0 = 1); ValueError naming the value."""
+def check_tau(tau: float, *, allow_one: bool = False, name: str | None = None) -> float:
+    """τ in (0, 1) (fixed rule) or (0, 1] (running mean, where τ_0 = 1); ValueError naming the value (and
+    the option ``name`` it came from). The one τ check of the library."""
     ok = (
         isinstance(tau, (int, float))
         and not isinstance(tau, bool)
@@ -348,8 +349,25 @@ def check_tau(tau: float, *, allow_one: bool = False) -> float:
     )
     if not ok:
         interval = "(0, 1]" if allow_one else "(0, 1)"
+        if name is not None:
+            raise ValueError(f"{name} must lie in {interval}, got {tau!r}")
         raise ValueError(f"residual tau must lie in {interval}, got tau={tau!r}")
     return float(tau)
+
+
+def check_grad_rows(grad_rows: float | None) -> float | None:
+    """A static weight-gradient row count: a finite positive number, or None (rows counted per call).
+    The one grad-rows check of the library."""
+    if grad_rows is None:
+        return None
+    if (
+        isinstance(grad_rows, bool)
+        or not isinstance(grad_rows, (int, float))
+        or not math.isfinite(grad_rows)
+        or not grad_rows > 0
+    ):
+        raise ValueError(f"grad_rows must be a positive number, got {grad_rows!r}")
+    return float(grad_rows)
 
 
 def residual_rule(tau: float) -> OpScales:

@@ -93,7 +93,7 @@ class MLP(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Self-attention (batch first): fused q/k/v Linear, SDPA (its matmuls through ``self.precision``), out."""
+    """Self-attention (batch first): fused q/k/v Linear, SDPA (matmuls through ``self.precision``), out."""
 
     matmul_kind = "attention"
 
@@ -102,7 +102,12 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
-        self.embed_dim, self.num_heads, self.dropout, self.is_causal = embed_dim, num_heads, dropout, is_causal
+        self.embed_dim, self.num_heads, self.dropout, self.is_causal = (
+            embed_dim,
+            num_heads,
+            dropout,
+            is_causal,
+        )
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias)
         self.out = nn.Linear(embed_dim, embed_dim, bias)
         self.precision: Backend | None = None

@@ -88,7 +88,7 @@ class CharLMConfig:
 
 
 def _twins(cfg: CharLMConfig) -> tuple[Any, Any]:
-    """(blocks, ops) of the model's twin: ``unitscale.nn``/``unitscale.functional`` or their standard twins."""
+    """(blocks, ops) of the twin: ``unitscale.nn``/``unitscale.functional`` or their standard twins."""
     return (unn, U) if cfg.unit else (S, S)
 
 
