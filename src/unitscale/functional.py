@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,10 @@ __all__ = [
     "tanh",
     "weighted_add",
 ]
+
+
+Reduction = Literal["mean", "sum", "none"]
+GeluApproximate = Literal["none", "tanh"]
 
 
 def _rows(input: Tensor, width: int, grad_rows: float | None) -> float:
@@ -232,7 +236,11 @@ def relu(input: Tensor, *, constraint: Constraint = "gmean", mult: float = 1.0) 
 
 
 def gelu(
-    input: Tensor, *, constraint: Constraint = "gmean", mult: float = 1.0, approximate: str = "none"
+    input: Tensor,
+    *,
+    constraint: Constraint = "gmean",
+    mult: float = 1.0,
+    approximate: GeluApproximate = "none",
 ) -> Tensor:
     """gelu(mult·x)/mult: alpha = 1.701, beta = 1.481 (derived; tanh form equal to 3 decimals);
     constrained (gmean 1.587)."""
@@ -308,7 +316,7 @@ def cross_entropy(
     target: Tensor,
     *,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     grad_rows: float | None = None,
 ) -> Tensor:
     """Fused log-softmax + NLL over the last dim of N-D logits (target: the leading dims).
@@ -417,10 +425,11 @@ def residual_add(skip: Tensor, branch: Tensor, tau: float = 0.5) -> Tensor:
     return _ResidualAdd.apply(skip, branch, r.betas["skip"], r.betas["branch"])
 
 
-RESIDUAL_RULES = ("fixed", "running_mean", "ratio")
+ResidualRule = Literal["fixed", "running_mean", "ratio"]
+RESIDUAL_RULES: tuple[str, ...] = get_args(ResidualRule)
 
 
-def residual_tau(index: int, rule: str = "fixed", tau: float = 0.5, offset: int = 1) -> float:
+def residual_tau(index: int, rule: ResidualRule = "fixed", tau: float = 0.5, offset: int = 1) -> float:
     """τ of residual block ``index`` (0-based).
 
     ``"fixed"``: ``tau`` in (0, 1). ``"running_mean"``: τ_l = 1/(l + offset) (offset 1: τ_0 = 1, the first

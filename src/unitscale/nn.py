@@ -341,7 +341,9 @@ class Sigmoid(_Activation):
 class GELU(_Activation):
     """Unit-scaled gelu (alpha 1.701, beta 1.481), erf or tanh form."""
 
-    def __init__(self, approximate: str = "none", *, mult: float = 1.0, constraint: Constraint = "gmean"):
+    def __init__(
+        self, approximate: U.GeluApproximate = "none", *, mult: float = 1.0, constraint: Constraint = "gmean"
+    ):
         super().__init__(mult=mult, constraint=constraint)
         if approximate not in ("none", "tanh"):
             raise ValueError(f"unknown gelu approximate={approximate!r}; accepted: 'none', 'tanh'")
@@ -383,6 +385,7 @@ class Dropout(nn.Module):
         return U.dropout.plain(input, self.p, self.training)
 
 
+ActivationName = Literal["relu", "gelu", "silu", "tanh", "sigmoid"]
 _ACTIVATIONS = {"relu": ReLU, "gelu": GELU, "silu": SiLU, "tanh": Tanh, "sigmoid": Sigmoid}
 
 
@@ -399,7 +402,7 @@ class MLP(nn.Module):
         self,
         d_model: int,
         hidden: int | None = None,
-        activation: str = "gelu",
+        activation: ActivationName = "gelu",
         dropout: float = 0.0,
         bias: bool = True,
     ):
@@ -511,7 +514,7 @@ class TransformerLayer(nn.Module):
         nhead: int,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
-        activation: str = "gelu",
+        activation: ActivationName = "gelu",
         norm_first: bool = True,
         *,
         tau_attn: float = 0.01,

@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from unitscale.precision.backend import EXACT, Exact
+from unitscale.precision.backend import EXACT, Backend, Exact
 from unitscale.precision.recipe import BACKENDS, RECIPE_NAMES, Recipe, get_recipe
 
 __all__ = [
     "BACKENDS",
+    "Backend",
     "EXACT",
     "RECIPE_NAMES",
     "Exact",
@@ -42,7 +43,7 @@ _UNREACHABLE = (nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase, nn.Bilinear, 
 class QuantisedLinear(nn.Linear):
     """An ``nn.Linear`` whose matmul runs through ``self.precision`` (a backend). Same parameters."""
 
-    precision: Any
+    precision: Backend
 
     def forward(self, input: Tensor) -> Tensor:
         return self.precision.linear(input, self.weight, self.bias)
@@ -129,7 +130,7 @@ def _shared_simulate(recipe: Recipe) -> Exact:
     return Simulate(recipe.weight_format, recipe.activation_format, recipe.grad_format, recipe.grad_rounding)
 
 
-def backend_for(module: nn.Module, recipe: Recipe, kind: str | None = None) -> Any:
+def backend_for(module: nn.Module, recipe: Recipe, kind: str | None = None) -> Backend | None:
     """The backend object a module should hold under ``recipe`` (shared where stateless)."""
     kind = kind or _kind(module)
     name = _backend_name(recipe, kind)

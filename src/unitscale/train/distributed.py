@@ -9,7 +9,8 @@ so a run resumes on any world size and under any parallel mode.
 Unit scaling and data parallelism. A unit-scaled weight gradient over b rows carries the rule's factor of b
 (b^-½), not 1/b: a rank holding b/W rows would use (b/W)^-½. ``grad_correction`` sets the global row count
 b on the model, so every rank applies the single-process factor, and multiplies the ranks' average by W
-(the gradients are sums over rows; standard models, whose loss is a mean, need nothing). Static unit scales need no amax all-reduce between ranks: the only collective is the gradient
+(the gradients are sums over rows; standard models, whose loss is a mean, need nothing). Static unit
+scales need no amax all-reduce between ranks: the only collective is the gradient
 reduction every data-parallel run already has.
 """
 
