@@ -23,6 +23,7 @@ from torch import Tensor, nn
 import unitscale.functional as U
 import unitscale.nn as unn
 from unitscale.models import _standard as S
+from unitscale.rules import check_tau
 
 Mixer = Literal["attention", "conv", "rnn"]
 Scaling = Literal["unit", "standard"]
@@ -79,8 +80,7 @@ class CharLMConfig:
         if self.mixer == "conv" and self.d_model % self.conv_groups:
             raise ValueError(f"d_model={self.d_model} is not divisible by conv_groups={self.conv_groups}")
         for name in ("tau_attn", "tau_mlp"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name} must lie in (0, 1), got {getattr(self, name)!r}")
+            check_tau(getattr(self, name), name=name)
 
     @property
     def unit(self) -> bool:
