@@ -1,7 +1,7 @@
 """Shared helpers of the benchmark scripts: CUDA check, timing, environment record, table, JSON writer.
 
 Timings are medians of CUDA-event intervals after warm-up; compare only ratios taken in one run on one
-device (REFERENCE §7: absolute ceilings move with clocks and timing method).
+device (docs/theory.md, Cost model: absolute ceilings move with clocks and timing method).
 """
 
 from __future__ import annotations

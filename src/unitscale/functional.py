@@ -1,4 +1,5 @@
-"""Unit-scaled functional ops (REFERENCE §2): the plain torch op plus the factors of ``unitscale.rules``.
+"""Unit-scaled functional ops: the plain torch op plus the factors of ``unitscale.rules`` (docs/theory.md,
+Ops).
 
 Each op computes y = alpha·f(x) going forward and delivers beta_i·∂f/∂x_i to input i going back, with
 (alpha, betas) taken from its rule and resolved by ``constraint`` (``"gmean"`` default, ``"to_output"``,

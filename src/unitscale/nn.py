@@ -2,7 +2,8 @@
 
 Modules that run matmuls hold ``self.precision`` (``None`` = exact), which ``unitscale.precision.apply``
 sets; modules whose weight gradients sum over tokens hold ``self.grad_rows`` (``None`` = numel/width), the
-static row count for the padding alignment of REFERENCE §4.3 (:func:`set_grad_rows` sets it everywhere).
+static row count for the padding alignment (docs/theory.md, Sequence length and padding);
+:func:`set_grad_rows` sets it everywhere.
 """
 
 from __future__ import annotations

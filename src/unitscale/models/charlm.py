@@ -57,7 +57,7 @@ class CharLMConfig:
     activation: Activation = "relu"
     norm: Norm = "pre"
     residual: ResidualRule = "fixed"  # unit only; standard models use plain adds
-    tau_attn: float = 0.01  # fixed τ of sequence-mixing blocks (REFERENCE §2: ≈0.01 for attention)
+    tau_attn: float = 0.01  # fixed τ of sequence mixers, ≈0.01 for attention (docs/theory.md, Residuals)
     tau_mlp: float = 0.5  # fixed τ of FFN blocks
     conv_kernel: int = 7
     conv_groups: int = 8
@@ -187,7 +187,8 @@ class CharLM(nn.Module):
         return logits, self.ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     def default_lr(self, optimizer: str) -> float:
-        """Starting LR per optimiser (REFERENCE §4.1 median best LRs: unit AdamW 2⁻⁶, regular 2⁻¹⁰)."""
+        """Starting LR per optimiser: the median best LRs (unit AdamW 2⁻⁶, regular 2⁻¹⁰; docs/theory.md,
+        Learning rates)."""
         table = {
             ("unit", "adam"): 2**-6,
             ("standard", "adam"): 2**-10,

@@ -9,11 +9,11 @@ all integers up to 2^53 exactly, so for K ≤ 2^53/64 = 2^47 no rounding ever ha
 order or FMA use of the BLAS: the result equals int64 arithmetic bit for bit. float64 (not int64) is the
 carrier because it is BLAS-fast and lets NaN propagate (a NaN input yields NaN outputs instead of garbage).
 
-Hopper execution plan (REFERENCE §5.7). H100 has no INT4 tensor cores (s4 mma runs as a ~50 TOPS software
-routine), but FP8 E4M3 represents every integer in [−16, 16] exactly (3 mantissa bits cover 0…16 with the
-exponent doing the rest), so forward codes [−8, 7] and digits [−8, 8] cast to E4M3 without error. Their
-products are integers ≤ 64 and the partial sums integers ≤ 64·K, exact in the FP32 accumulator up to
-2^24, i.e. K ≤ 262 144, provided the GEMM really accumulates in FP32: ``torch._scaled_mm(...,
+Hopper execution plan (docs/theory.md, Integer GEMMs in FP8). H100 has no INT4 tensor cores (s4 mma runs as a
+~50 TOPS software routine), but FP8 E4M3 represents every integer in [−16, 16] exactly (3 mantissa bits cover
+0…16 with the exponent doing the rest), so forward codes [−8, 7] and digits [−8, 8] cast to E4M3 without
+error. Their products are integers ≤ 64 and the partial sums integers ≤ 64·K, exact in the FP32 accumulator
+up to 2^24, i.e. K ≤ 262 144, provided the GEMM really accumulates in FP32: ``torch._scaled_mm(...,
 use_fast_accum=False)``. With fast accumulation Hopper's reduced-precision FP8 accumulator was measured
 wrong on every entry of the worst case (error 416 at K = 768), so it is never used here. Each INT4 GEMM is
 then one ``_scaled_mm`` on E4M3 tensors (A row-major [M, K], B column-major, dims padded to multiples of
