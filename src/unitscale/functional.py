@@ -155,13 +155,21 @@ def _linear(input, weight, bias, rule, constraint, grad_rows, precision, fan_out
     )
 
 
-@lru_cache(maxsize=4096)
 def _linear_scales(
     rule: Callable[..., rules.OpScales], fan_in: int, fan_out: int, rows: float, constraint: Constraint
 ) -> tuple[float, dict[str, float]]:
-    """A linear's resolved factors, once per (rule, shapes, rows, constraint): a module's scales are built
-    and validated when its shapes change, not on every call (callers must not mutate the dict)."""
-    return rule(fan_in, fan_out, rows).resolve(constraint)
+    """A linear's resolved factors, once per (rule, shapes, rows, constraint) in eager mode: a module's
+    scales are built and validated when its shapes change, not on every call (torch.compile folds them
+    at trace time anyway). Callers must not mutate the dict."""
+    if torch.compiler.is_compiling():
+        return rule(fan_in, fan_out, rows).resolve(constraint)
+    return _cached_scales(rule, fan_in, fan_out, rows, constraint)
+
+
+@lru_cache(maxsize=4096)
+def _cached_scales(rule: Callable[..., rules.OpScales], *args: Any) -> tuple[float, dict[str, float]]:
+    *sizes, constraint = args
+    return rule(*sizes).resolve(constraint)
 
 
 # -- embedding and norms -------------------------------------------------------------------------------
@@ -605,12 +613,13 @@ def causal_conv1d(
     return y.permute(1, 0, 2).reshape(b, t, g * c_out)
 
 
-@lru_cache(maxsize=4096)
 def _conv_scales(
     c_in: int, c_out: int, kernel: int, rows: float, constraint: Constraint
 ) -> tuple[float, dict[str, float]]:
-    """Resolved causal-conv factors, once per shape (``rules.conv_rule``, stride 1)."""
-    return rules.conv_rule(c_in, c_out, kernel, 1, rows).resolve(constraint)
+    """Resolved causal-conv factors (``rules.conv_rule``, stride 1), once per shape in eager mode."""
+    if torch.compiler.is_compiling():
+        return rules.conv_rule(c_in, c_out, kernel, 1, rows).resolve(constraint)
+    return _cached_scales(rules.conv_rule, c_in, c_out, kernel, 1, rows, constraint)
 
 
 def _conv_positions(input: Tensor, weight: Tensor, strides: tuple, padding: Any, dilation: Any) -> int:
