@@ -544,7 +544,7 @@ def test_state_dict_loads_weights_only(family, recipe, tmp_path):
     assert all(type(v) is torch.Tensor for v in state.values()), {k: type(v) for k, v in state.items()}
     assert not any(k.endswith("_extra_state") for k in state)
     if recipe == "int4":
-        assert any(k.endswith("precision.s_x") for k in state)
+        assert any(k.endswith("precision.log_s_x") for k in state)
     torch.save(state, tmp_path / "state.pt")
     loaded = torch.load(tmp_path / "state.pt", weights_only=True)
     fresh = _applied(family, recipe, seed=1)

@@ -108,11 +108,12 @@ def test_backward_equals_eq4_reference(split_mode, lead):
     np.testing.assert_allclose(
         br.grad.numpy(), 0.3 * gy.reshape(-1, 24).numpy().sum(0), rtol=1e-12, atol=1e-12
     )
+    # The parameters are the log-steps θ (s = s0·e^θ, θ = 0 after initialisation): ∂L/∂θ = s·∂L/∂s.
     np.testing.assert_allclose(
-        float(layer.s_x.grad), (gx_deq * dx).sum() / math.sqrt(dx.size * qp), rtol=2e-7
+        float(layer.log_s_x.grad), sx * (gx_deq * dx).sum() / math.sqrt(dx.size * qp), rtol=2e-7
     )
     np.testing.assert_allclose(
-        float(layer.s_w.grad), (gw_deq * dw).sum() / math.sqrt(dw.size * qp), rtol=2e-7
+        float(layer.log_s_w.grad), sw * (gw_deq * dw).sum() / math.sqrt(dw.size * qp), rtol=2e-7
     )
 
 
@@ -220,7 +221,7 @@ def test_non_finite_output_gradient_makes_every_gradient_nan():
     gy = torch.ones_like(y)
     gy[1, 1] = math.inf
     y.backward(gy)
-    for g in (x.grad, w.grad, layer.s_x.grad, layer.s_w.grad):
+    for g in (x.grad, w.grad, layer.log_s_x.grad, layer.log_s_w.grad):
         assert torch.isnan(g).all()
     assert not torch.isfinite(b.grad[1])  # the bias gradient is the plain row sum: inf stays inf
 
@@ -236,7 +237,7 @@ def test_zero_gradient_gives_zero_gradients():
     x, w, b = (t.clone().requires_grad_() for t in _data(11, (4,)))
     layer = Int4Linear(64)
     layer.linear(x, w, b).backward(torch.zeros(4, 24, dtype=torch.float64))
-    for g in (x.grad, w.grad, b.grad, layer.s_x.grad, layer.s_w.grad):
+    for g in (x.grad, w.grad, b.grad, layer.log_s_x.grad, layer.log_s_w.grad):
         assert torch.equal(g, torch.zeros_like(g))
 
 
@@ -245,14 +246,31 @@ def test_state_dict_round_trip_and_no_reinitialisation():
     layer = Int4Linear(64)
     layer.linear(x, w)
     with torch.no_grad():
-        layer.s_x.mul_(1.5)
+        layer.log_s_x.add_(0.4)
     sd = layer.state_dict()
-    assert set(sd) == {"s_x", "s_w", "block_size"} and all(type(v) is torch.Tensor for v in sd.values())
+    assert set(sd) == {"log_s_x", "log_s_w", "s_x0", "s_w0", "block_size"}
+    assert all(type(v) is torch.Tensor for v in sd.values())
     fresh = Int4Linear(64)
     fresh.load_state_dict(sd)
     assert fresh.initialised
     torch.testing.assert_close(fresh.linear(x * 3, w), layer.linear(x * 3, w), rtol=0, atol=0)
-    assert fresh.s_x.item() == sd["s_x"].item()  # not re-initialised from the new batch
+    assert fresh.s_x.item() == layer.s_x.item()  # not re-initialised from the new batch
+
+
+def test_state_dict_from_before_the_log_step_loads():
+    """Checkpoints that stored s_x, s_w directly load as s0 = |s|, θ = 0 (same output)."""
+    x, w, _ = _data(12, (8,))
+    layer = Int4Linear(64)
+    layer.linear(x, w)
+    old = {
+        "s_x": -layer.s_x.detach().clone(),
+        "s_w": layer.s_w.detach().clone(),
+        "block_size": layer.block_size,
+    }
+    fresh = Int4Linear(64)
+    fresh.load_state_dict(old)
+    assert fresh.initialised and fresh.s_x.item() == layer.s_x.item() and float(fresh.log_s_x.detach()) == 0.0
+    torch.testing.assert_close(fresh.linear(x * 3, w), layer.linear(x * 3, w), rtol=0, atol=0)
 
 
 def test_cold_start_resets_and_freezes_scales():
@@ -262,12 +280,12 @@ def test_cold_start_resets_and_freezes_scales():
     layer.train()
     for step in range(3):
         xs = x * (step + 1)
-        layer.s_x.grad = None
+        layer.log_s_x.grad = None
         layer.linear(xs, w.clone().requires_grad_()).sum().backward()
         stats_of = xs if step < 2 else 2 * x  # after cold start s is no longer reset (still step 1's value)
         expect = 2 * float((stats_of @ h).abs().mean()) / math.sqrt(7)
         assert layer.s_x.item() == pytest.approx(expect, rel=2e-7)  # float32 parameter
-        assert (layer.s_x.grad is None) == (step < 2)  # frozen during cold start, learned afterwards
+        assert (layer.log_s_x.grad is None) == (step < 2)  # frozen during cold start, learned afterwards
 
 
 def test_block_search_picks_a_valid_block_and_persists():
@@ -306,8 +324,7 @@ def test_backend_factory_and_errors():
     assert int4_backend_for((8, 128), Int4Config.naive()).config == Int4Config.naive()
     with pytest.raises(ValueError, match="expected a linear module"):
         int4_backend_for("fc1")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="in_features 48 is not a multiple of the Hadamard block size 32"):
-        Int4Linear(48)
+    assert Int4Linear(48).block == 32 and Int4Linear(48).padded_features == 64
     assert Int4Linear(48, Int4Config(block_size=16)).block == 16
     layer = Int4Linear(64)
     with pytest.raises(ValueError, match="in_features=64"):

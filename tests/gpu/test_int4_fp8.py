@@ -39,3 +39,21 @@ def test_int4_linear_fp8_matches_reference_backend():
     y_ref, y_fp8 = ref.linear(x, w), fp8.linear(x, w)
     # Same codes (up to float32 vs float64 Hadamard ties) and exact GEMMs: outputs agree to float32 rounding.
     torch.testing.assert_close(y_fp8, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_triton_hadamard_quantise_matches_torch_on_gpu():
+    pytest.importorskip("triton")
+    from unitscale.precision.int4.hadamard import block_hadamard
+    from unitscale.precision.int4.quantise import lsq_codes
+    from unitscale.precision.int4.triton_hq import hadamard_quantise, unpack_int4
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    c = torch.randint(-11, 11, (4096, 1024), generator=gen, device="cuda").float()
+    c[(c == 7) | (c == -8)] = 0.0  # representable: x·H ≈ C, far from ties and from the clip boundary
+    x = block_hadamard(c.double(), 32).float()
+    s = torch.tensor(1.0, device="cuda")
+    q, delta, packed = hadamard_quantise(x, s, 32, 8, 7, pack=True)
+    q_ref, d_ref = lsq_codes(block_hadamard(x, 32), s, 8, 7)
+    assert torch.equal(q, c.clamp(-8, 7)) and torch.equal(q, q_ref)
+    torch.testing.assert_close(delta, d_ref, rtol=0, atol=1e-5)
+    assert torch.equal(unpack_int4(packed).float(), q)

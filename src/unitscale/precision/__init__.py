@@ -8,7 +8,6 @@ with a ``precision`` attribute) get it directly; plain ``nn.Linear`` modules bec
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass
 from functools import cache
@@ -141,12 +140,8 @@ def backend_for(module: nn.Module, recipe: Recipe, kind: str | None = None) -> B
     if name == "int4":
         from unitscale.precision.int4 import Int4Config, int4_backend_for
 
-        config = recipe.int4_config or Int4Config.hq_lss()
-        fan_in = module.weight.shape[-1]
-        if config.hadamard and fan_in % config.block_size:
-            # The Hadamard block must divide the reduction dim: the largest power of two that does.
-            config = config.replace(block_size=math.gcd(fan_in, config.block_size))
-        return int4_backend_for(module, config)
+        # A fan-in that is not a multiple of the Hadamard block is zero-padded by the layer (exact).
+        return int4_backend_for(module, recipe.int4_config or Int4Config.hq_lss())
     from unitscale.precision.fp8 import fp8_backend_for  # Hopper only
 
     return fp8_backend_for(module, recipe)

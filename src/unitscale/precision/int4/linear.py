@@ -7,15 +7,15 @@ with the integer GEMM exact. Backward (§5.2, eq. 4), ∇Y ≈ Σ_k σ_k·D_k (b
     ∇Ŵdeq = beta_w · s_X · Σ_k σ_k·(diag(w'_k) D_k)ᵀ X̂          ∇W = (I_W ⊙ ∇Ŵdeq)·Hᵀ
     ∂L/∂s_X = g_s · Σ ∇X̂deq ⊙ δ_X,   ∂L/∂s_W = g_s · Σ ∇Ŵdeq ⊙ δ_W,   ∇bias = beta_b · Σ_rows ∇Y
 where w, w' are the LSS row weights m/p (all 1 in the default "keep_nonzero" mode, where they are skipped:
-dropping all-zero rows changes nothing). The forward codes are reused; only ∇Y is freshly quantised. The
-LSQ step sizes follow their operand's edge: s_X's gradient carries beta_x, s_W's carries beta_w.
+dropping all-zero rows changes nothing). The forward codes are reused (the weight's are computed once per
+optimizer step, ``weight_cache.py``); only ∇Y is freshly quantised. The LSQ step sizes follow their
+operand's edge: s_X's gradient carries beta_x, s_W's carries beta_w. The backward GEMMs: ``backward.py``.
 
-Bernoulli LSS for the weight gradient samples rows of the reduction dimension, so its 1/p weights cannot be
-applied in a GEMM epilogue: that one product is computed in float64 on (m/p)·D_k instead of on integers.
-The forward, both "keep_nonzero" backward GEMMs and the Bernoulli input-gradient GEMM are exact integer GEMMs.
+Every integer GEMM is exact (``gemm.py``: fp32 accumulation in chunks proven exact); the codes, scales and
+dequantised products are in the work dtype (float32, or float64 when an operand is float64).
 
 Non-finite values are never hidden: a NaN/inf in X or W gives NaN in the affected output rows/columns (a
-Hadamard block mixes an inf with finite values into NaN/inf, and NaN codes propagate through the float64
+Hadamard block mixes an inf with finite values into NaN/inf, and NaN codes propagate through the
 GEMM), and a non-finite ∇Y makes every gradient this layer returns NaN. A non-finite tensor at the first
 call (LSQ initialisation) raises ValueError.
 """
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from unitscale.precision.backend import EXACT
+from unitscale.precision.int4.backward import can_fold, dgrad, fold, folded_dgrad, folded_wgrad, wgrad
 from unitscale.precision.int4.config import Int4Config
 from unitscale.precision.int4.gemm import int_gemm
 from unitscale.precision.int4.hadamard import block_hadamard, block_sizes
@@ -40,7 +41,8 @@ from unitscale.precision.int4.quantise import (
     lsq_inside,
     single_digit,
 )
-from unitscale.precision.int4.sampling import row_weights
+from unitscale.precision.int4.triton_hq import hadamard_quantise, triton_available
+from unitscale.precision.int4.weight_cache import WeightCache
 
 _TINY = 1e-30
 
@@ -49,98 +51,71 @@ class _Int4LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, s_x, s_w, alpha, beta_x, beta_w, beta_b, layer):  # type: ignore[override]
         cfg: Int4Config = layer.config
-        qn, qp = cfg.qbounds
-        work = layer.work_dtype
+        work = layer.work_dtype(x, weight)
         lead, d = x.shape[:-1], x.shape[-1]
         sx, sw = s_x.detach().to(work), s_w.detach().to(work)
-        qx, dx = lsq_codes(block_hadamard(x.reshape(-1, d).to(work), layer.block), sx, qn, qp)
-        qw, dw = lsq_codes(block_hadamard(weight.to(work), layer.block), sw, qn, qp)
-        y = int_gemm(qx, qw.t(), cfg.gemm) * (sx.double() * sw.double() * alpha)
+        qx, dx = layer.codes(x.reshape(-1, d).to(work), sx)
+        qw, dw = layer.weight_codes(weight, sw, work)
+        y = int_gemm(qx, qw.t(), cfg.gemm, out_dtype=work) * (sx * sw * alpha)
         if bias is not None:
-            y = y + bias.double()
+            y = y + bias.to(work)
         ctx.save_for_backward(qx, dx, qw, dw, sx, sw)
-        ctx.meta = (layer, lead, x.dtype, weight.dtype, beta_x, beta_w, beta_b, bias is not None)
+        ctx.meta = (layer, lead, d, x.dtype, weight.dtype, beta_x, beta_w, beta_b, bias is not None)
         ctx.s_shapes = (s_x.shape, s_x.dtype, s_w.shape, s_w.dtype)
         return y.to(x.dtype).reshape(*lead, weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         qx, dx, qw, dw, sx, sw = ctx.saved_tensors
-        layer, lead, x_dtype, w_dtype, beta_x, beta_w, beta_b, has_bias = ctx.meta
+        layer, lead, d, x_dtype, w_dtype, beta_x, beta_w, beta_b, has_bias = ctx.meta
         cfg: Int4Config = layer.config
         qp = cfg.qbounds[1]
         need_x, need_w, need_b, need_sx, need_sw = ctx.needs_input_grad[:5]
         g2 = grad.reshape(-1, grad.shape[-1])
-        digits = layer.quantise_grad(g2.to(layer.work_dtype))
+        gen = layer.generator(g2.device)
+        if can_fold(cfg):
+            f = fold(g2.to(qx.dtype), cfg, gen)
+            dx_fn, wx_fn = (lambda: folded_dgrad(f, qw)), (lambda: folded_wgrad(f, qx))
+        else:
+            digits = layer.quantise_grad(g2.to(qx.dtype))
+            dx_fn, wx_fn = (lambda: dgrad(digits, qw, cfg, gen)), (lambda: wgrad(digits, qx, cfg, gen))
         gx = gw = gb = gsx = gsw = None
         # Non-finite ∇Y: amax is NaN, which the scales carry into every product below.
         if need_x or need_sx:
-            gxq = _dgrad(digits, qw, cfg, layer.generator(g2.device)) * (sw.double() * beta_x)
+            gxq = dx_fn() * (sw * beta_x)
             if need_sx:
                 gsx = (gxq * dx).sum() * lsq_grad_scale(dx.numel(), qp)
                 gsx = gsx.to(ctx.s_shapes[1]).reshape(ctx.s_shapes[0])
             if need_x:
-                gx = block_hadamard(torch.where(lsq_inside(dx), gxq, 0.0), layer.block)
-                gx = gx.to(x_dtype).reshape(*lead, qx.shape[-1])
+                gx = layer.unrotate(gxq * lsq_inside(dx), d)
+                gx = gx.to(x_dtype).reshape(*lead, d)
         if need_w or need_sw:
-            gwq = _wgrad(digits, qx, cfg, layer.generator(g2.device)) * (sx.double() * beta_w)
+            gwq = wx_fn() * (sx * beta_w)
             if need_sw:
                 gsw = (gwq * dw).sum() * lsq_grad_scale(dw.numel(), qp)
                 gsw = gsw.to(ctx.s_shapes[3]).reshape(ctx.s_shapes[2])
             if need_w:
-                gw = block_hadamard(torch.where(lsq_inside(dw), gwq, 0.0), layer.block).to(w_dtype)
+                gw = layer.unrotate(gwq * lsq_inside(dw), d).to(w_dtype)
         if has_bias and need_b:
             gb = (g2.double().sum(0) * beta_b).to(grad.dtype)
         return gx, gw, gb, gsx, gsw, None, None, None, None, None
 
 
-def _dgrad(digits: GradDigits, qw: Tensor, cfg: Int4Config, gen: torch.Generator | None) -> Tensor:
-    """Σ_k σ_k·diag(w_k)·(D_k Ŵ) in float64; LSS scores c_i = ‖σ_k D_k,i‖ over all digit rows jointly."""
-    weights = _lss_weights(digits, None, cfg, gen)
-    out = torch.zeros((), dtype=torch.float64, device=qw.device)
-    for k, (d, s) in enumerate(zip(digits.digits, digits.scales)):
-        prod = int_gemm(d, qw, cfg.gemm)
-        if weights is not None:
-            prod = prod * weights[k].double()[:, None]  # output-row scale: the GEMM itself stays integer
-        out = out + s.double() * prod
-    return out
-
-
-def _wgrad(digits: GradDigits, qx: Tensor, cfg: Int4Config, gen: torch.Generator | None) -> Tensor:
-    """Σ_k σ_k·(diag(w'_k) D_k)ᵀ X̂ in float64; LSS scores c_i = ‖σ_k D_k,i‖·‖X̂_i‖."""
-    weights = _lss_weights(digits, qx, cfg, gen)
-    out = torch.zeros((), dtype=torch.float64, device=qx.device)
-    for k, (d, s) in enumerate(zip(digits.digits, digits.scales)):
-        if weights is None:
-            prod = int_gemm(d.t(), qx, cfg.gemm)
-        else:
-            prod = (d.double() * weights[k].double()[:, None]).t() @ qx.double()
-        out = out + s.double() * prod
-    return out
-
-
-def _lss_weights(
-    digits: GradDigits, qx: Tensor | None, cfg: Int4Config, gen: torch.Generator | None
-) -> list[Tensor] | None:
-    """Per-digit row weights m/p from one water-fill over the stacked rows ∇↕Y; None = keep every row."""
-    if cfg.sampling == "keep_nonzero":
-        return None
-    norms = [d.double().norm(dim=1) * s.double().abs() for d, s in zip(digits.digits, digits.scales)]
-    if qx is not None:
-        xnorm = qx.double().norm(dim=1)
-        norms = [n * xnorm for n in norms]
-    scores = torch.nan_to_num(torch.cat(norms), nan=0.0, posinf=0.0)
-    w = row_weights(scores, cfg.sampling, cfg.sample_ratio, generator=gen)
-    return list(w.split([n.numel() for n in norms]))
-
-
 class Int4Linear(nn.Module):
-    """INT4 backend of one linear layer; owns the LSQ step sizes ``s_x``, ``s_w`` (nn.Parameters, 0-d).
+    """INT4 backend of one linear layer; owns the LSQ step sizes s_x, s_w as log-steps.
 
     ``linear(x, weight, bias, alpha=, beta_x=, beta_w=, beta_b=)`` has the meaning of ``Exact.linear``;
     ``matmul`` runs in high precision (attention matmuls are not quantised, as in the paper).
-    Step sizes are initialised on the first call to 2·mean(|·H|)/√Q_P (and re-initialised every training
-    call during ``lsq_cold_start_steps``); give them no weight decay.
+
+    Step sizes: s = s0·exp(θ) with θ = ``log_s_x`` / ``log_s_w`` (0-d nn.Parameters, 0 at initialisation)
+    and s0 = ``s_x0`` / ``s_w0`` (buffers): the first call sets s0 = 2·mean(|·H|)/√Q_P (and again every
+    training call during ``lsq_cold_start_steps``). An optimizer step on θ changes s by a *relative* amount:
+    AdamW moves θ by about LR per step, so s changes by a factor ≈ e^{±LR} and can never reach 0 or change
+    sign (a step-size parameter trained directly, at the weights' LR, crosses 0 when s ≈ LR). Give θ no
+    weight decay (decay pulls s towards s0).
+
+    Fan-in not a multiple of the Hadamard block g: x and W are zero-padded to the next multiple of g. The
+    padding is exact ([x, 0]·H·Hᵀ·[w, 0]ᵀ = x·wᵀ); it only adds zero entries to the quantised tensors.
     """
 
     name = "int4"
@@ -161,22 +136,67 @@ class Int4Linear(nn.Module):
         self.in_features = in_features
         cfg = self.config
         self.block = cfg.block_size if cfg.hadamard else 1
-        if cfg.hadamard and not cfg.search_block and in_features % self.block:
-            raise ValueError(
-                f"in_features {in_features} is not a multiple of the Hadamard block size {self.block}; "
-                f"accepted: a block_size in {block_sizes(in_features)}, search_block=True or hadamard=False"
-            )
-        self.s_x = nn.Parameter(torch.ones((), device=device))
-        self.s_w = nn.Parameter(torch.ones((), device=device))
+        self.log_s_x = nn.Parameter(torch.zeros((), device=device))
+        self.log_s_w = nn.Parameter(torch.zeros((), device=device))
+        self.register_buffer("s_x0", torch.ones((), device=device))
+        self.register_buffer("s_w0", torch.ones((), device=device))
         self.register_buffer("block_size", torch.tensor(self.block, device=device))
         self.initialised = False
         self.calls = 0
+        self.weight_cache = WeightCache()
         self._generators: dict[str, torch.Generator] = {}
 
     @property
-    def work_dtype(self) -> torch.dtype:
-        """float64 for the exact reference path, float32 around the FP8 carrier."""
-        return torch.float64 if self.config.gemm == "reference" else torch.float32
+    def s_x(self) -> Tensor:
+        """The input step size s_x = s_x0·exp(log_s_x) (differentiable w.r.t. log_s_x)."""
+        return self.s_x0 * self.log_s_x.exp()
+
+    @property
+    def s_w(self) -> Tensor:
+        """The weight step size s_w = s_w0·exp(log_s_w) (differentiable w.r.t. log_s_w)."""
+        return self.s_w0 * self.log_s_w.exp()
+
+    @property
+    def padded_features(self) -> int:
+        """The fan-in after zero-padding to a multiple of the Hadamard block."""
+        return -(-self.in_features // self.block) * self.block
+
+    def work_dtype(self, *tensors: Tensor) -> torch.dtype:
+        """float64 when an operand is float64 (exact float64 checks), else float32: the codes, scales and
+        dequantised products are computed in this dtype; the integer GEMMs are exact in either."""
+        if self.config.gemm == "reference" and any(t.dtype == torch.float64 for t in tensors):
+            return torch.float64
+        return torch.float32
+
+    def rotate(self, t: Tensor) -> Tensor:
+        """t [.., D] → [.., D'] zero-padded to the block, times BlockDiag(H_g)."""
+        pad = self.padded_features - t.shape[-1]
+        if pad:
+            t = torch.nn.functional.pad(t, (0, pad))
+        return block_hadamard(t, self.block)
+
+    def unrotate(self, t: Tensor, d: int) -> Tensor:
+        """Adjoint of :meth:`rotate`: ·Hᵀ (= ·H), then drop the padded columns."""
+        t = block_hadamard(t, self.block)
+        return t[..., :d] if t.shape[-1] != d else t
+
+    def codes(self, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """(q, δ) = lsq_codes(rotate(t), s): on CUDA one fused Triton pass (``triton_hq.py``), else torch."""
+        qn, qp = self.config.qbounds
+        fused = t.is_cuda and triton_available() and t.dtype == torch.float32 and t.dim() == 2
+        if fused and self.block >= 16 and self.padded_features == t.shape[-1]:
+            q, delta, _ = hadamard_quantise(t, s, self.block, qn, qp)
+            return q, delta
+        return lsq_codes(self.rotate(t), s, qn, qp)
+
+    def weight_codes(self, weight: Tensor, sw: Tensor, work: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(q, δ) of int_{s_w}(WH): computed once per optimizer step and reused (``weight_cache.py``)."""
+        extra = (self.log_s_w._version, self.s_w0._version, self.block, work, self.training)
+        return self.weight_cache.get(weight, extra, lambda: self.codes(weight.to(work), sw))
+
+    def clear_cache(self) -> None:
+        """Forget the cached weight codes (needed only after mutating ``weight.data`` outside a step)."""
+        self.weight_cache.clear()
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The layer's generator on ``device`` (seeded from config.seed), or None for the global RNG."""
@@ -199,8 +219,8 @@ class Int4Linear(nn.Module):
     # Initialisation -------------------------------------------------------------------------------------
     @torch.no_grad()
     def reinitialise(self, x: Tensor, weight: Tensor) -> None:
-        """(Re)choose the Hadamard block (if searching); set s_x, s_w = 2·mean(|·H|)/√Q_P from x, weight."""
-        work = self.work_dtype
+        """(Re)choose the Hadamard block (if searching); s0 = 2·mean(|·H|)/√Q_P from x, weight; θ = 0."""
+        work = self.work_dtype(x, weight)
         x2, w = x.detach().reshape(-1, x.shape[-1]).to(work), weight.detach().to(work)
         if not (torch.isfinite(x2).all() and torch.isfinite(w).all()):
             raise ValueError("INT4 LSQ initialisation got non-finite inputs or weights (NaN/inf)")
@@ -208,10 +228,11 @@ class Int4Linear(nn.Module):
         if self.config.search_block:
             self.block = self._search_block(x2, w, qn, qp)
             self.block_size.fill_(self.block)
-        for param, t in ((self.s_x, x2), (self.s_w, w)):
-            s = lsq_init_scale(block_hadamard(t, self.block), qp)
+        for s0, theta, t in ((self.s_x0, self.log_s_x, x2), (self.s_w0, self.log_s_w, w)):
+            s = lsq_init_scale(self.rotate(t), qp)
             # An all-zero tensor (e.g. zero-initialised weights) gives s = 0: fall back to the unit scale.
-            param.copy_(torch.where(s > 0, s, torch.ones_like(s)))
+            s0.copy_(torch.where(s > 0, s, torch.ones_like(s)))
+            theta.zero_()
         self.initialised = True
 
     def _search_block(self, x: Tensor, w: Tensor, qn: int, qp: int) -> int:
@@ -229,8 +250,13 @@ class Int4Linear(nn.Module):
         return best
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        for v in ("x", "w"):  # checkpoints from before the log-step parametrisation held s directly
+            old = state_dict.pop(prefix + f"s_{v}", None)
+            if old is not None and prefix + f"log_s_{v}" not in state_dict:
+                state_dict[prefix + f"s_{v}0"] = old.detach().abs().clamp_min(_TINY)
+                state_dict[prefix + f"log_s_{v}"] = torch.zeros_like(old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "s_x" in state_dict and prefix + "s_w" in state_dict:
+        if all(prefix + k in state_dict for k in ("log_s_x", "log_s_w", "s_x0", "s_w0")):
             self.initialised = True
         if prefix + "block_size" in state_dict:
             self.block = int(self.block_size)
@@ -262,8 +288,9 @@ class Int4Linear(nn.Module):
             self.reinitialise(x, weight)
         if self.training:
             self.calls += 1
-        s_x = self.s_x.abs().clamp_min(_TINY)
-        s_w = self.s_w.abs().clamp_min(_TINY)
+        # s0·exp(θ) > 0 always; the clamp only guards exp underflow of an absurd θ (< −69).
+        s_x = self.s_x.clamp_min(_TINY)
+        s_w = self.s_w.clamp_min(_TINY)
         if cold:  # cold start: s is reset every call, not learned
             s_x, s_w = s_x.detach(), s_w.detach()
         return _Int4LinearFn.apply(
@@ -282,7 +309,9 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (
-            f"in_features={self.in_features}, block={self.block if c.hadamard else 'off'}, "
+            f"in_features={self.in_features}, block={self.block if c.hadamard else 'off'}"
+            + (f" (padded to {self.padded_features})" if self.padded_features != self.in_features else "")
+            + ", "
             f"qrange={c.qrange}, "
             f"grad={'bit-split ' + c.split_mode if c.bit_split else f'1 digit ±{c.grad_levels}'}, "
             f"sampling={c.sampling}"

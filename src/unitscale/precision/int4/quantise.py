@@ -11,7 +11,9 @@ Bit splitting (docs/theory.md, Bit splitting), M = max|∇Y| (a 0-d device tenso
 radix R:
     hi = round(t/R),  lo = SR(t − R·hi),  ∇Y ≈ (R·hi + lo)·M/T.
 R·hi is an integer, so R·hi + lo = SR(t) exactly: a two-digit encoding of a (2T+1)-level stochastically
-rounded gradient, unbiased when nothing is clipped. R = 14, T = 98 keeps both digits in [−7, 7].
+rounded gradient, unbiased when nothing is clipped. R = 14, T = 98 keeps both digits in [−7, 7]. Without a
+digit clamp the code computes SR(t) first and takes its digits hi = round(SR/R), lo = SR − R·hi (the same
+encoding of the same value); with INT4-code's ±6 clamp it follows the formula above literally.
 """
 
 from __future__ import annotations
@@ -42,18 +44,22 @@ def lsq_codes(x: Tensor, s: Tensor, qn: int, qp: int) -> tuple[Tensor, Tensor]:
     """(q, δ): integer codes round(clamp(x/s, −Q_N, Q_P)) (in x's dtype) and the LSQ residual δ(x/s).
 
     δ doubles as the clip mask: |δ| ≤ ½ exactly inside the range, δ ∈ {−Q_N, Q_P} outside. Non-finite
-    inputs (NaN, ±inf) give NaN codes.
+    inputs (NaN, ±inf) give NaN codes. Branch-free (no boolean tensors: they cost 4× an arithmetic op on
+    CPU): with c = clamp(v), e = v − c is exactly 0 inside and |e| ≥ ulp(Q) outside, so
+    min(1, |e|·2^100) is exactly the 0/1 "outside" indicator, and δ = q − c + c·outside.
     """
     v = x / s
+    c = torch.clamp(v, -qn, qp)
     # + (v − v) turns ±inf into NaN: saturating an overflowed input would hide a divergence.
-    q = torch.round(torch.clamp(v, -qn, qp)) + (v - v)
-    delta = torch.where(v < -qn, torch.full_like(v, -qn), torch.where(v > qp, torch.full_like(v, qp), q - v))
-    return q, delta
+    q = torch.round(c) + (v - v)
+    outside = (v - c).abs_().mul_(2.0**100).clamp_(max=1.0)
+    return q, (q - c).addcmul_(c, outside)
 
 
 def lsq_inside(delta: Tensor) -> Tensor:
-    """Clip mask 1[−Q_N ≤ v ≤ Q_P] recovered from δ (|δ| ≤ ½ inside, |δ| ≥ 7 outside)."""
-    return delta.abs() <= 0.5
+    """Clip mask 1[−Q_N ≤ v ≤ Q_P] recovered from δ (|δ| ≤ ½ inside, |δ| ≥ 7 outside), as 0/1 in δ's dtype
+    (min(1, max(0, 7 − |δ|)): exactly 1 inside, 0 outside; NaN stays NaN)."""
+    return (7.0 - delta.abs()).clamp_(0.0, 1.0)
 
 
 def lsq_grad_scale(numel: int, qp: int) -> float:
@@ -78,7 +84,7 @@ class LSQ(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (delta,) = ctx.saved_tensors
-        gx = torch.where(lsq_inside(delta), grad, torch.zeros_like(grad))
+        gx = grad * lsq_inside(delta)
         gs = (grad * delta).sum().mul(ctx.gs).reshape(ctx.s_shape)
         return gx, gs, None, None
 
@@ -137,15 +143,25 @@ def bit_split(
     digit_max=6 reproduces INT4-code's ±6 clamp (biased for |t| > 90 and near R·hi ± 7).
     """
     t, amax = _grad_grid(grad, levels)
-    hi = torch.round(t / radix)
-    if digit_max is not None:
-        hi = hi.clamp(-digit_max, digit_max)
-    # t − R·hi is exact (Sterbenz: R·hi lies within a factor 2 of t whenever hi ≠ 0), so hi·R + lo = SR(t).
-    lo = stochastic_round(t - radix * hi, generator=generator, noise=noise)
-    if digit_max is not None:
-        lo = lo.clamp(-digit_max, digit_max)
     unit = amax / levels
+    if digit_max is None:
+        # SR first, then its exact base-R digits: R·hi + lo = SR(t) by construction, |lo| ≤ R/2 = 7 (R = 14).
+        sr = stochastic_round(t, generator=generator, noise=noise)
+        hi = torch.round(sr / radix)
+        return GradDigits((hi, sr - radix * hi), (unit * radix, unit), amax)
+    hi = torch.round(t / radix).clamp(-digit_max, digit_max)
+    # t − R·hi is exact (Sterbenz: R·hi lies within a factor 2 of t whenever hi ≠ 0), so hi·R + lo = SR(t).
+    lo = stochastic_round(t - radix * hi, generator=generator, noise=noise).clamp(-digit_max, digit_max)
     return GradDigits((hi, lo), (unit * radix, unit), amax)
+
+
+def sr_levels(
+    grad: Tensor, *, levels: int, generator: torch.Generator | None = None, noise: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(SR(t), M/T) with t = ∇Y·T/M: the value R·hi + lo of the unclamped bit split (or the single digit)
+    without forming the digits, for backends that multiply it exactly in one GEMM (``backward.py``)."""
+    t, amax = _grad_grid(grad, levels)
+    return stochastic_round(t, generator=generator, noise=noise), amax / levels
 
 
 def single_digit(
