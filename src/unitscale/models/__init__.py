@@ -33,8 +33,8 @@ def build(name: str, vocab_size: int, *, scaling: str = "unit", **overrides: Any
         raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODEL_NAMES)}")
     if "mixer" in overrides and overrides["mixer"] != PRESETS[name]["mixer"]:
         raise ValueError(
-            f"model {name!r} is a {PRESETS[name]['mixer']} model; mixer={overrides['mixer']!r} names another "
-            f"preset (accepted: {', '.join(MODEL_NAMES)})"
+            f"model {name!r} has mixer {PRESETS[name]['mixer']!r}; mixer={overrides['mixer']!r} is another "
+            f"preset's (accepted models: {', '.join(MODEL_NAMES)})"
         )
     fields = {**PRESETS[name], **overrides, "vocab_size": vocab_size, "scaling": scaling}
     unknown = set(fields) - set(CharLMConfig.__dataclass_fields__)
