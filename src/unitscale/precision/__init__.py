@@ -147,7 +147,7 @@ def backend_for(module: nn.Module, recipe: Recipe, kind: str | None = None) -> B
     return fp8_backend_for(module, recipe)
 
 
-def _set_backend(module: nn.Module, backend: Any) -> None:
+def _set_backend(module: nn.Module, backend: Backend | None) -> None:
     if "precision" in module._modules:
         del module._modules["precision"]
     if isinstance(backend, nn.Module) and hasattr(module, "weight"):
