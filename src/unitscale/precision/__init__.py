@@ -11,7 +11,6 @@ import dataclasses
 import warnings
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
 
 import torch
 from torch import Tensor, nn
