@@ -147,3 +147,20 @@ def test_bad_inputs() -> None:
         setup("zero", torch.device("cpu"))
     with pytest.raises(ValueError, match="not divisible by the world size 3"):
         shard(torch.zeros(4, 2), Dist("ddp", 0, 3))
+
+
+@pytest.mark.slow
+def test_fsdp_with_forced_fp8_gemms_matches_an_unsharded_twin(tmp_path):
+    # Issue 20: FP8 weight copies cached across calls went stale under FSDP2 (the all-gather writes into the
+    # same parameter without a version bump). CPU runs _scaled_mm (torch >= 2.13), so gloo catches it too.
+    from unitscale.precision.fp8 import fp8_supported
+
+    if not fp8_supported("cpu"):
+        pytest.skip("torch._scaled_mm does not run FP8 on this CPU build")
+    script = Path(__file__).resolve().parent / "fsdp_fp8_twin.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_port()), str(script), "cpu", "pow2_amax"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("OK, worst") == 2, proc.stdout[-3000:]

@@ -3,7 +3,6 @@ backend and float64 references built from torch's own float8 casts; dispatch, ca
 
 from __future__ import annotations
 
-import gc
 import math
 from types import SimpleNamespace
 from unittest import mock
@@ -244,21 +243,37 @@ def test_frozen_weight_and_no_grad():
         assert torch.equal(be.linear(x, w, b), y.detach())
 
 
-def test_weight_copies_cached_until_the_weight_changes():
-    be = Fp8Backend(dispatch=ALWAYS)
-    w = nn.Parameter(torch.randn(32, 64))
-    first = be.weight_fp8(w, E4, torch.float32)
-    assert be.weight_fp8(w, E4, torch.float32)[0] is first[0]  # reused: one cast per step
-    assert be.weight_fp8(w, E4, torch.bfloat16)[0] is not first[0]  # another compute dtype: recast
+def _forward(be: Fp8Backend, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        w.mul_(2.0)  # what optimizer.step() does: bumps the version counter
-    second = be.weight_fp8(w, E4, torch.float32)
-    assert torch.equal(second[0].double(), q64(w.detach(), E4))
-    nocache = Fp8Backend(dispatch=ALWAYS, cache_weights=False)
-    assert nocache.weight_fp8(w, E4, torch.float32)[0] is not nocache.weight_fp8(w, E4, torch.float32)[0]
-    del w, first, second
-    gc.collect()
-    assert not be._cache  # entries die with their weight
+        return be.linear(x, w)
+
+
+@pytest.mark.parametrize("weight_scale", ["static", "pow2_amax"])
+def test_weight_changes_behind_autograd_reach_the_next_forward(weight_scale):
+    # Regression (issue 20, item 1): FP8 weight copies were cached on (id, _version); ``weight.data``
+    # mutations, ``weight.data = ...`` and FSDP2's all-gather into the same storage do not bump the version,
+    # so later forwards kept multiplying by the old weight. Each call must read the weight as it is now.
+    be = Fp8Backend(dispatch=ALWAYS, weight_scale=weight_scale)
+    x, w0, _, g = inputs((32,), 64, 48, seed=11, bias=False)
+    w = nn.Parameter(w0.clone())
+    y0 = _forward(be, x, w)
+    w.data.mul_(-1)  # in place on the storage, no version bump
+    y1 = _forward(be, x, w)
+    assert torch.equal(y1, -y0)  # RNE and the clamp are odd functions: q(-W) = -q(W), bit for bit
+    w.data = torch.randn(48, 64, generator=torch.Generator().manual_seed(12))  # a new storage
+    y2 = _forward(be, x, w)
+    fresh = Fp8Backend(dispatch=ALWAYS, weight_scale=weight_scale)
+    assert torch.equal(y2, _forward(fresh, x, w.detach()))
+    # A training step through .data (what FSDP2 does when it copies the all-gathered shard in): forward and
+    # input gradient of the next step use the new weight.
+    xr = x.clone().requires_grad_()
+    be.linear(xr, w).backward(g)
+    w.data.copy_(w0)
+    xr2 = x.clone().requires_grad_()
+    y3 = be.linear(xr2, w)
+    y3.backward(g)
+    fresh = run(Fp8Backend(dispatch=ALWAYS, weight_scale=weight_scale), x, w0, None, g)
+    assert torch.equal(y3.detach(), fresh[0]) and torch.equal(xr2.grad, fresh[1])
 
 
 def test_cast_pair_layouts():
@@ -359,9 +374,41 @@ def _compiled_step(backend_name: str, weight_scale: str = "static") -> None:
         assert max_rel(a, r) < 1e-5
 
 
-@pytest.mark.parametrize("weight_scale", ["static", "pow2_rms"])
+@pytest.mark.parametrize("weight_scale", ["static", "pow2_rms", "pow2_amax"])
 def test_compile_fullgraph_aot_eager(weight_scale):
     _compiled_step("aot_eager", weight_scale)
+
+
+def _op_calls(graphs) -> int:
+    """How many calls of the registered cast op the traced graphs (and their subgraphs) hold."""
+    op = torch.ops.unitscale.fp8_cast_transpose
+    subs = [sub for gm in graphs for sub in gm.modules() if isinstance(sub, torch.fx.GraphModule)]
+    return sum(node.target in (op, op.default) for sub in subs for node in sub.graph.nodes)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compile_traces_the_registered_cast_op_without_graph_breaks(autocast):
+    # The compiled path must run the fused cast op (on CUDA: the Triton kernel), not Inductor's own cast.
+    torch._dynamo.reset()
+    be = Fp8Backend(dispatch=ALWAYS)
+    x, w, b, g = inputs((2, 32), 64, 32, seed=5)
+
+    def step(x, w, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return be.linear(x, w, b, **FACTORS)
+
+    args = [t.detach().requires_grad_() for t in (x, w, b)]
+    explanation = torch._dynamo.explain(step)(*args)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert _op_calls(explanation.graphs) == 3  # forward: x and W; backward: the output gradient
+    torch._dynamo.reset()
+    got = run(SimpleNamespace(linear=torch.compile(step, fullgraph=True, backend="aot_eager")), x, w, b, g)
+    ref = run(SimpleNamespace(linear=step), x, w, b, g)
+    assert all(torch.equal(a, r) for a, r in zip(got[1:], ref[1:]))
+    # y: under bf16 autocast the traced _scaled_mm adds the bias after rounding (one bf16 ulp; also on main).
+    tol = 2.0 ** -7 if autocast else 0.0
+    rms = float(ref[0].float().pow(2).mean().sqrt())
+    torch.testing.assert_close(got[0], ref[0], rtol=tol, atol=tol * rms)
 
 
 @pytest.mark.slow
@@ -379,3 +426,21 @@ def test_warns_once_on_cuda_without_fp8_cores(monkeypatch):
         for _ in range(3):
             fp8_backend_for(nn.Linear(4, 4), Recipe.fp8(backend="fp8"))
     assert len([w for w in record if "FP8 tensor cores" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("k", [256, 1024])
+def test_accumulation_bound_covers_13_bit_accumulation(k):
+    # Independent check of the GPU tolerance model: sum K products sequentially, rounding every partial sum
+    # to 13 mantissa bits (float64 frexp/ldexp), and compare with the exact sum.
+    from unitscale.precision.fp8_accumulation import accumulation_bound, accumulation_tolerance
+
+    p = torch.randn(4000, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    s = torch.zeros(4000, dtype=torch.float64)
+    for j in range(k):
+        mant, exp = torch.frexp(s + p[:, j])
+        s = torch.ldexp(torch.round(mant * 2.0**14) / 2.0**14, exp)  # 1 + 13 bits
+    err = float((s - p.sum(1)).norm() / p.sum(1).norm())
+    assert accumulation_bound(k) / 10 < err < accumulation_bound(k)  # a bound, and not a vacuous one
+    assert accumulation_tolerance(k) == 3 * accumulation_bound(k)
+    with pytest.raises(ValueError, match="positive"):
+        accumulation_bound(0)

@@ -685,9 +685,9 @@ def test_matmul_scales_errors(left, right, constraint, match):
 
 
 def test_attention_probabilities_enter_the_backend_scaled_into_e4m3_normal_range():
-    """The PV matmul receives P·2^8 (rules.ATTENTION_PROBS_SCALE): causal rows at s = 512 carry P ≈ 1/(i+1),
-    mostly below E4M3's smallest normal 2^-6; scaled, almost all are normal and the largest (p = 1, row 0)
-    is 256, below E4M3's max 448."""
+    """The PV matmul receives P·2^8 (``rules.attention_probs_scale`` of a backend naming no format): causal
+    rows at s = 512 carry P ≈ 1/(i+1), mostly below E4M3's smallest normal 2^-6; scaled, almost all are
+    normal and the largest (p = 1, row 0) is 256, below E4M3's max 448."""
     from unitscale.formats import get_format
 
     seen: list[torch.Tensor] = []
@@ -704,7 +704,7 @@ def test_attention_probabilities_enter_the_backend_scaled_into_e4m3_normal_range
     torch.testing.assert_close(y, plain, rtol=1e-5, atol=1e-5)
     probs = seen[2]  # casts: q, kᵀ (QKᵀ), then P, v (PV)
     e4m3 = get_format("e4m3")
-    assert rules.ATTENTION_PROBS_SCALE == 256 and probs.max().item() == 256 < e4m3.max
+    assert rules.attention_probs_scale(None) == 256 and probs.max().item() == 256 < e4m3.max
     torch.testing.assert_close(probs.sum(-1), torch.full(probs.shape[:-1], 256.0))
     nonzero = probs[probs > 0]
     scaled_subnormal = (nonzero < e4m3.min_normal).float().mean().item()

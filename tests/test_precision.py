@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -35,6 +36,9 @@ NAMED = {
     "fp8-e4a": ((E4A, E4A, E5A), F32, None, "simulate", {}),
     "fp8-loss-scaled": ((E4B, E4B, E5B), F32, 2048.0, "simulate", {}),
     "fp8-hw": ((E4B, E4B, E5B), F32, None, "fp8", {}),
+    "fp8-paper": ((E4B, E4B, E5B), F32, None, "simulate", {}),
+    "fp8-paper-e4a": ((E4A, E4A, E5A), F32, None, "simulate", {}),
+    "fp8-paper-loss-scaled": ((E4B, E4B, E5B), F32, 2048.0, "simulate", {}),
     "fp8-critical-bf16": ((E4B, E4B, E5B), F32, None, "simulate",
                           {"lm_head": (B16, False), "blocks.1.body.down": (B16, False),
                            "blocks.0.body.out": (B16, False),
@@ -100,20 +104,25 @@ def test_fp8_recipe_formats() -> None:
         Recipe.fp8(variant="c")
 
 
-def test_quantised_linear_matches_torch_float8_casts() -> None:
+@pytest.mark.parametrize("recipe", ["fp8", "fp8-paper"])
+def test_quantised_linear_matches_torch_float8_casts(recipe: str) -> None:
     torch.manual_seed(0)
     lin = nn.Linear(64, 32)
     x = (torch.randn(16, 64) * 3).requires_grad_()
     ref_w = lin.weight.detach().clone()
-    apply(lin, "fp8")
+    apply(lin, recipe)
     assert isinstance(lin, QuantisedLinear)
     y = lin(x)
     g = torch.randn_like(y) * 1e-3
     y.backward(g)
     e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    # fp8 scales the weight by 2^k, the largest power of two keeping max|W|·2^k ≤ 448; fp8-paper by 1.
+    k = 0
+    while recipe == "fp8" and float(ref_w.abs().max()) * 2.0 ** (k + 1) <= 448.0:
+        k += 1
     xq, wq, gq = (
         _torch_cast(x.detach(), e4, 448.0),
-        _torch_cast(ref_w, e4, 448.0),
+        _torch_cast(ref_w * 2.0**k, e4, 448.0) * 2.0**-k,
         _torch_cast(g, e5, 57344.0),
     )
     torch.testing.assert_close(y, F.linear(xq, wq, lin.bias), rtol=0, atol=1e-5)
@@ -203,6 +212,32 @@ def test_fp8_backend_falls_back_to_simulate_without_cuda(monkeypatch: pytest.Mon
     fallbacks = [w for w in caught if "no CUDA device" in str(w.message)]
     assert len(fallbacks) == 1  # one line, not one per layer
     assert isinstance(model[0].precision, Simulate)
+
+
+def test_fp8_backend_keeps_attention_on_fused_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On an FP8 GPU the linears get Fp8Backend and attention no backend: torch's fused SDPA, not the
+    # unfused matmul-softmax-matmul path (Fp8Backend runs batched matmuls in the compute dtype anyway).
+    import unitscale.precision.fp8 as fp8
+    from unitscale.models import build
+    from unitscale.precision.backend import Exact
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device=None: True)
+    model = build("gpt", 32, scaling="unit", d_model=32, n_layers=2, n_heads=2, seq_len=16)
+    rows = {r.path: r for r in precision.plan(model, Recipe.fp8(backend="fp8"))}
+    attention = [p for p, r in rows.items() if r.kind == "attention"]
+    assert len(attention) == 2 and all(rows[p].backend == "exact" for p in attention)
+    assert all(r.backend == "fp8" for r in rows.values() if r.kind == "linear")
+    apply(model, Recipe.fp8(backend="fp8"))
+    modules = dict(model.named_modules())
+    assert all(modules[p].precision is None for p in attention)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # run the CPU forward
+    idx = torch.randint(0, 32, (2, 16))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with mock.patch("torch.nn.functional.scaled_dot_product_attention", wraps=sdpa) as fused, \
+            mock.patch.object(Exact, "matmul", wraps=Exact.matmul, autospec=True) as unfused:
+        model(idx)
+    assert fused.call_count == 2 and unfused.call_count == 0
 
 
 def test_autocast_fp16_runs_matmuls_in_fp16_and_keeps_fp32_grads() -> None:

@@ -40,8 +40,8 @@ def tiny(monkeypatch, tmp_path):
 @pytest.mark.slow  # a whole resumable grid through the CLI
 def test_sweep_runs_resumes_and_reports(tmp_path, tiny, monkeypatch) -> None:
     out = tmp_path / "sweep"
-    kw = {"families": ("gpt",), "precisions": ("fp32", "fp16-loss-scaled", "fp8"), "optimizers": ("adam",),
-          "data": str(tiny), "quiet": True}
+    kw = {"families": ("gpt",), "precisions": ("fp32", "fp16-loss-scaled", "fp8-paper"),
+          "optimizers": ("adam",), "data": str(tiny), "quiet": True}
     report = sweep.run(out, "tiny", **kw)
     summaries = sorted(out.glob("*/lr_*/summary.json"))
     assert len(summaries) == (3 + 2) * 2  # standard: 3 precisions, unit: 2 (no loss scaling); 2 LRs each
@@ -51,10 +51,10 @@ def test_sweep_runs_resumes_and_reports(tmp_path, tiny, monkeypatch) -> None:
     assert "† best LR at the edge" in text  # two LRs per cell: every best LR is at an edge
     assert (out / "sweep.png").stat().st_size > 10_000
     # the best LR per cell is the one with the lowest validation BPC among that cell's runs
-    cell = out / "gpt__unit__fp8__adam"
+    cell = out / "gpt__unit__fp8-paper__adam"
     runs = [json.loads(p.read_text()) for p in cell.glob("lr_*/summary.json")]
     best = min(runs, key=lambda s: s["valid_bpc"])
-    assert f"{best['valid_bpc']:.3f}" in next(r for r in rows if "| unit | fp8 |" in r)
+    assert f"{best['valid_bpc']:.3f}" in next(r for r in rows if "| unit | fp8-paper |" in r)
 
     calls = []
     monkeypatch.setattr("unitscale.train.loop.train", lambda cfg: calls.append(cfg))
@@ -68,10 +68,10 @@ def test_best_lr_at_the_edge_of_the_grid_is_flagged() -> None:
                 "valid_bpc": bpc}
 
     rows = [row(0.25, 3.0), row(1.0, 2.0), row(4.0, 2.5),  # fp32: interior minimum
-            row(0.25, 3.0, "fp8"), row(1.0, 2.9, "fp8"), row(4.0, 2.8, "fp8")]  # fp8: best at the top LR
+            row(0.25, 3.0, "fp8-paper"), row(1.0, 2.9, "fp8-paper"), row(4.0, 2.8, "fp8-paper")]  # top best
     best = sweep.best_per_cell(rows)
-    assert best[("gpt", "unit", "fp8", "adam")]["lr"] == 4.0
-    assert sweep.at_edge(rows, best) == {("gpt", "unit", "fp8", "adam")}
+    assert best[("gpt", "unit", "fp8-paper", "adam")]["lr"] == 4.0
+    assert sweep.at_edge(rows, best) == {("gpt", "unit", "fp8-paper", "adam")}
 
 
 def test_runs_are_keyed_by_every_setting_that_changes_their_result(tmp_path, tiny, monkeypatch) -> None:

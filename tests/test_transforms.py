@@ -313,6 +313,16 @@ def test_graph_shows_scaled_ops_readout_and_taus():
     ]
 
 
+def test_embedding_sum_passes_the_gradient_unscaled_to_its_cut_inputs():
+    """Token + position embeddings reach their add over cut edges: the weighted add gives both β = 1
+    (docs/theory.md, Add and weighted add); the position table's broadcast is corrected separately."""
+    model, args = _case("pre_norm")
+    unit = us.unit_scale(model, args, dynamic=False)
+    adds = [n for n in unit.graph.nodes if n.target is us.functional.weighted_add]
+    assert len(adds) == 1
+    assert adds[0].kwargs.get("cut") == ("left", "right")
+
+
 def test_tau_match_uses_branch_to_skip_ratio():
     model, args = _case("pre_norm")
     unit = us.unit_scale(model, args, tau="match", dynamic=False)

@@ -262,6 +262,13 @@ def _to_float32_round_to_odd(x: Tensor) -> Tensor:
     return (y.view(torch.int32) | inexact).view(torch.float32)
 
 
+def _nonfinite(q: Tensor, x: Tensor, fmt: Format) -> Tensor:
+    """±inf input becomes the format's overflow value (±inf, or NaN where it has no inf): saturation is for
+    finite values only, so a diverged tensor never comes back finite (docs/theory.md, Special values and
+    saturation)."""
+    return torch.where(torch.isinf(x), torch.copysign(torch.full_like(q, fmt.overflow_value), x), q)
+
+
 def _finish(q: Tensor, y: Tensor, fmt: Format, saturate: bool) -> Tensor:
     """Shared tail of the arithmetic paths: sign of zero, then overflow (beyond ±max) to inf or NaN."""
     q = torch.copysign(q, y) if fmt.negative_zero else q + 0.0  # -0 + 0 = +0 where the format has no -0
@@ -292,11 +299,12 @@ def _round_arithmetic(x: Tensor, fmt: Format, rounding: str, saturate: bool, gen
         lower = torch.floor(scaled)
         u = torch.rand(y.shape, generator=generator, device=y.device, dtype=work)
         q = lower + (u < scaled - lower).to(work)
-    return _finish(q * ulp, y, fmt, saturate).to(x.dtype)
+    q = _finish(q * ulp, y, fmt, saturate)
+    return (_nonfinite(q, x, fmt) if saturate else q).to(x.dtype)
 
 
 def _round_cast(x: Tensor, fmt: Format, saturate: bool) -> Tensor:
-    """RNE through torch's own dtype: clamp, cast, cast back (the fast path)."""
+    """RNE through torch's own dtype: clamp, cast, cast back (16-bit and fp64 inputs)."""
     dtype = fmt.torch_dtype
     assert dtype is not None
     if x.dtype == torch.float64 and fmt.mantissa_bits < 21:
@@ -305,9 +313,76 @@ def _round_cast(x: Tensor, fmt: Format, saturate: bool) -> Tensor:
         y = x.to(torch.float32)  # the clamp bound must be exact in the dtype the clamp runs in
     else:
         y = x
-    if saturate:
-        y = y.clamp(-fmt.max, fmt.max)
-    return y.to(dtype).to(x.dtype)
+    if not saturate:
+        return y.to(dtype).to(x.dtype)
+    return _nonfinite(y.clamp(-fmt.max, fmt.max).to(dtype).to(x.dtype), x, fmt)
+
+
+# fp32 inputs: integer arithmetic on the bit pattern (any format, one fused kernel under torch.compile) and
+# a native-cast fast path for tensors that need no overflow or special-value handling (eager).
+
+_SIGN = -(2**31)  # 0x80000000 as int32
+
+
+def _round_bits(x: Tensor, fmt: Format, rounding: str, saturate: bool, generator) -> Tensor:
+    """RNE or SR of fp32 ``x`` onto ``fmt``'s grid from its int32 bit pattern b; exact for every input.
+
+    Normal range of the format (|x| ≥ 2^min_exp): keep M of fp32's 23 mantissa bits, d = 23 - M.
+    RNE: (b + 2^(d-1) - 1 + bit_d(b)) with the low d bits cleared (a carry moves into the exponent, so a
+    binade edge and fp32 overflow to inf come out right). SR: b + r, r uniform on [0, 2^d), low bits cleared:
+    P(up) = (b mod 2^d) / 2^d exactly. Subnormal range (|x| < 2^min_exp, spacing u = 2^(min_exp - M)): RNE
+    by (|x| + C) - C with C = 2^23·u (fp32 rounds the sum to a multiple of u, ties to even); SR by
+    floor(|x|/u) + [v < frac(|x|/u)], v uniform on 2^-24 steps. Then |q| > max gives ±max (saturate,
+    finite x) or the overflow value, ±inf input the overflow value, NaN input itself.
+    """
+    m, d = fmt.mantissa_bits, 23 - fmt.mantissa_bits
+    b = x.view(torch.int32)
+    a = x.abs()
+    if rounding == "nearest":
+        r = b + ((b >> d) & 1) + ((1 << (d - 1)) - 1) if d > 0 else b
+    else:
+        bits = torch.randint(0, 1 << 24, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+        r = b + (bits >> (24 - d)) if d > 0 else b
+    q = (r & ~((1 << d) - 1)).view(torch.float32) if d > 0 else x
+    if fmt.min_exp > -126:  # the format's subnormals sit above fp32's: a fixed spacing u below 2^min_exp
+        u = math.ldexp(1.0, fmt.min_exp - m)
+        if rounding == "nearest":
+            c = math.ldexp(u, 23)
+            small = (a + c) - c
+        else:
+            s = a * (1.0 / u)  # exact: a power-of-two scaling
+            lower = torch.floor(s)
+            small = (lower + ((bits.to(torch.float32) * 2.0**-24) < s - lower).to(torch.float32)) * u
+        q = torch.where(a < fmt.min_normal, torch.copysign(small, x), q)
+    big = torch.where(torch.isinf(x) | (not saturate), fmt.overflow_value, fmt.max)
+    q = torch.where(q.abs() > fmt.max, torch.copysign(big, x), q)
+    q = torch.where(torch.isnan(x), x, q)
+    return q if fmt.negative_zero else torch.where(q == 0, 0.0, q)  # fnuz: no -0
+
+
+def _decode_fp8(codes: Tensor, fmt: Format, out: Tensor) -> Tensor:
+    """fp8 codes into fp32 ``out`` by bit moves (torch's fp8 → fp32 cast is 8× slower on CPU): the sign to
+    bit 31, exponent and mantissa to fp32's exponent/mantissa fields, times 2^(127 - bias). Finite codes
+    only (the caller routes NaN/inf inputs elsewhere)."""
+    w = out.view(torch.int32)
+    w.copy_(codes.view(torch.int8))  # sign-extended: bit 31 is the sign
+    shift = 23 - fmt.mantissa_bits
+    w.bitwise_left_shift_(shift).bitwise_and_(_SIGN | (0x7F << shift))
+    return out.mul_(math.ldexp(1.0, 127 - fmt.bias))
+
+
+def _round_cast_fp32(x: Tensor, fmt: Format) -> Tensor:
+    """RNE of fp32 ``x`` by torch's cast, for x with every |x| < max and no NaN (nothing to saturate)."""
+    dtype = fmt.torch_dtype
+    if fmt.bits == 8:
+        return _decode_fp8(x.to(dtype), fmt, torch.empty_like(x))
+    return torch.empty_like(x).copy_(x.to(dtype))
+
+
+def _in_range(x: Tensor, fmt: Format) -> bool:
+    """Every element finite with |x| < max (NaN fails both comparisons). One read pass, no copy."""
+    lo, hi = torch.aminmax(x)
+    return bool((lo > -fmt.max) & (hi < fmt.max))
 
 
 @torch.no_grad()
@@ -327,10 +402,16 @@ def quantise(
     fp32 (fp64 for fp64 x), so the bias is 0 whenever x has ≤ 24 (53) bits below the ulp it is rounded to,
     else ≤ 2^-24 (2^-53) ulp.
 
-    saturate=True: clamp to ±max first, so overflow and ±inf give ±max. saturate=False: beyond the RNE
-    boundary (max + ulp/2; a tie overflows unless max has an even last mantissa bit, as in fp8_e4b) the
-    result is ±inf for fp32/tf32/bf16/fp16/fp8_e5b and NaN for fp8_e4b/fp8_e4a/fp8_e5a (no inf), ±inf
-    input alike. NaN stays NaN; -0 stays -0 except in the fnuz formats (fp8_e4a, fp8_e5a), which give +0.
+    saturate=True: finite values are clamped to ±max first, so finite overflow gives ±max. saturate=False:
+    beyond the RNE boundary (max + ulp/2; a tie overflows unless max has an even last mantissa bit, as in
+    fp8_e4b) the result is ±inf for fp32/tf32/bf16/fp16/fp8_e5b and NaN for fp8_e4b/fp8_e4a/fp8_e5a (no
+    inf). Either way ±inf input gives that overflow value and NaN stays NaN: a non-finite value is never
+    made finite (docs/theory.md, Special values and saturation). -0 stays -0 except in the fnuz formats
+    (fp8_e4a, fp8_e5a), which give +0.
+
+    Cost (bench/simulate.py): fp32 input with every |x| < max takes torch's own cast (fp8 decoded by bit
+    moves); otherwise, and always under torch.compile, integer arithmetic on the fp32 bit pattern that
+    Inductor fuses into one kernel (its elision of a to(float16).to(float32) round trip cannot skip it).
 
     The result is cast back to x.dtype, which is exact unless x.dtype is narrower than the format (e.g.
     fp16 input to bf16: bf16 values above 65504 overflow in the cast back). It is computed outside autograd
@@ -347,10 +428,21 @@ def quantise(
     _check_float_input(x, "quantise")
     if x.numel() == 0:
         return x.clone()
+    if fmt.name == "fp32" and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return x.detach()  # already on the grid; saturation and specials change nothing
+    if x.dtype == torch.float32:
+        # Under torch.compile: the bit arithmetic, one fused kernel (Inductor drops a to(fp16).to(fp32) round
+        # trip). Eager on CPU: torch's cast, without a clamp where nothing needs saturating (one read pass).
+        compiling = torch.compiler.is_compiling()
+        eager_cast = rounding == "nearest" and fmt.torch_dtype is not None and not compiling
+        if eager_cast and x.device.type == "cpu" and _in_range(x, fmt):
+            return _round_cast_fp32(x, fmt)
+        if not (eager_cast and (saturate or fmt.bits >= 16)):
+            return _round_bits(x, fmt, rounding, saturate, generator)
     # Cast overflow differs between torch versions for the fp8 dtypes, so only 16/32-bit IEEE casts
     # (standard overflow to inf) take the cast path without saturation.
     fast = fmt.torch_dtype is not None and (saturate or fmt.bits >= 16)
-    if rounding == "nearest" and fast:
+    if rounding == "nearest" and fast and not torch.compiler.is_compiling():
         return _round_cast(x, fmt, saturate)
     return _round_arithmetic(x, fmt, rounding, saturate, generator)
 

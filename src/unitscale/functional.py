@@ -37,6 +37,7 @@ __all__ = [
     "layer_norm",
     "linear",
     "linear_readout",
+    "masked_softmax",
     "matmul",
     "matmul_scales",
     "relu",
@@ -375,16 +376,22 @@ def add(left: Tensor, right: Tensor, *, constraint: Constraint = "gmean") -> Ten
     return scaled(scaled(left, 1.0, betas["left"]) + scaled(right, 1.0, betas["right"]), alpha, 1.0)
 
 
-def weighted_add(left: Tensor, right: Tensor, left_weight: float, right_weight: float) -> Tensor:
-    """a·x + c·y with a² + c² = 1 (checked): weight a on x and c on y in both passes (true gradient)."""
-    rules.weighted_add_rule(left_weight, right_weight)
+def weighted_add(
+    left: Tensor, right: Tensor, left_weight: float, right_weight: float, *, cut: tuple[str, ...] = ()
+) -> Tensor:
+    """a·x + c·y with a² + c² = 1 (checked). Going back an input over a non-cut edge gets its weight (the
+    true gradient), an input named in ``cut`` ("left", "right": e.g. token and position embeddings, added
+    once) gets the output gradient unscaled (``rules.weighted_add_rule``)."""
+    r = rules.weighted_add_rule(left_weight, right_weight, cut)
     try:
         torch.broadcast_shapes(left.shape, right.shape)
     except RuntimeError as err:
         raise ValueError(
             f"weighted_add: shapes {tuple(left.shape)} and {tuple(right.shape)} do not broadcast"
         ) from err
-    return torch.add(left * left_weight, right, alpha=right_weight)
+    if not cut:  # the true gradient: one fused add
+        return torch.add(left * left_weight, right, alpha=right_weight)
+    return scaled(left, left_weight, r.betas["left"]) + scaled(right, right_weight, r.betas["right"])
 
 
 class _ResidualSplit(torch.autograd.Function):
@@ -461,6 +468,52 @@ def residual_tau(index: int, rule: ResidualRule = "fixed", tau: float = 0.5, off
 # -- attention -----------------------------------------------------------------------------------------
 
 
+def masked_softmax(
+    logits: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    *,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Attention weights softmax(logits + mask) over the last dim of logits (…, L, S), masked as torch's
+    ``F.scaled_dot_product_attention`` masks: ``is_causal`` lets query i see keys j ≤ i (top-left aligned,
+    ``torch.ones(L, S).tril(0)``, also when L ≠ S); a boolean ``attn_mask`` keeps True, a float one is
+    added; not both. A row with no key left gives weights 0 (and gradients 0), not NaN, as torch does.
+    The one mask of every unfused attention path."""
+    _check_mask(attn_mask, is_causal)
+    if is_causal:
+        s_q, s_k = logits.shape[-2:]
+        keep = torch.ones(s_q, s_k, dtype=torch.bool, device=logits.device).tril(diagonal=0)
+        # Key 0 is visible to every query, so no row is empty.
+        return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1, dtype=dtype)
+    if attn_mask is None:
+        return torch.softmax(logits, dim=-1, dtype=dtype)
+    if attn_mask.dtype == torch.bool:
+        logits = logits.masked_fill(~attn_mask, float("-inf"))
+    else:
+        logits = logits + attn_mask
+    # Empty rows: softmax over finite stand-ins, then 0 (torch's safe softmax) keeps NaN out of the
+    # backward as well.
+    empty = (logits == float("-inf")).all(dim=-1, keepdim=True)
+    probs = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1, dtype=dtype)
+    return probs.masked_fill(empty, 0.0)
+
+
+def _check_mask(attn_mask: Tensor | None, is_causal: bool) -> None:
+    if is_causal and attn_mask is not None:
+        raise ValueError(
+            "attention: attn_mask and is_causal=True are both given; torch's scaled_dot_product_attention "
+            "accepts one (fold the causal mask into attn_mask)"
+        )
+
+
+def _activation_format(precision: Any) -> Any:
+    """The format a backend casts matmul activations to (``formats["activation"]`` of the simulate and fp8
+    backends: a Format or torch dtype), or None when it does not say."""
+    formats = getattr(precision, "formats", None)
+    return formats.get("activation") if isinstance(formats, dict) else None
+
+
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -472,19 +525,21 @@ def scaled_dot_product_attention(
     *,
     precision: Any = None,
 ) -> Tensor:
-    """softmax(q kᵀ·scale + mask)·v with scale = 1/√d by default (US-2023 rule).
+    """softmax(q kᵀ·scale + mask)·v with scale = 1/√d by default (US-2023 rule); masks as torch's SDPA.
 
     Output and q/k/v gradients are scaled by √(s/e·(1−p)), s = key length (equal by construction):
     with unit q, k, v and near-uniform attention the plain output has σ ≈ √(e/s). With ``is_causal`` row i
     sees i+1 keys, so the output σ is larger than 1 (≈ √(ln s) averaged over rows): pair with τ_attn = 0.01.
     Without a backend torch's fused kernel runs; with one, QKᵀ and PV go through ``precision.matmul``,
-    P entering PV times ``rules.ATTENTION_PROBS_SCALE`` (2^8) so low-precision casts keep it normal.
+    the weights of :func:`masked_softmax` entering PV times ``rules.attention_probs_scale`` of the
+    backend's activation format, so low-precision casts keep them normal and never saturate.
     """
     if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2] or query.dim() < 2:
         raise ValueError(
             f"attention: incompatible query {tuple(query.shape)}, key {tuple(key.shape)}, "
             f"value {tuple(value.shape)} (need (..., L, d), (..., s, d), (..., s, d_v))"
         )
+    _check_mask(attn_mask, is_causal)
     f = rules.attention_rule(key.shape[-2], dropout_p).alpha
     if precision is None:
         q, k, v = (scaled(t, 1.0, f) for t in (query, key, value))
@@ -494,21 +549,10 @@ def scaled_dot_product_attention(
     scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
     # A backend's beta replaces the chain-rule alpha, so the logit scale goes into the betas as well.
     logits = precision.matmul(query, key.transpose(-1, -2), alpha=scale, beta_a=f * scale, beta_b=f * scale)
-    s_q, s_k = query.shape[-2], key.shape[-2]
-    if is_causal:
-        keep = torch.ones(s_q, s_k, dtype=torch.bool, device=query.device).tril(s_k - s_q)
-        logits = logits.masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        logits = (
-            logits.masked_fill(~attn_mask, float("-inf"))
-            if attn_mask.dtype == torch.bool
-            else logits + attn_mask
-        )
     compute = torch.promote_types(logits.dtype, torch.float32)
-    # P·c enters the backend (c = rules.ATTENTION_PROBS_SCALE, keeps P in the format's normal range);
-    # α = f/c and β_P = 1/c, β_V = f/c give the same output and gradients as f·(P V).
-    c = rules.ATTENTION_PROBS_SCALE
-    probs = (torch.softmax(logits, dim=-1, dtype=compute) * c).to(value.dtype)
+    # P·c enters the backend; α = f/c and β_P = 1/c, β_V = f/c give the same output and gradients as f·(P V).
+    c = rules.attention_probs_scale(_activation_format(precision))
+    probs = (masked_softmax(logits, attn_mask, is_causal, dtype=compute) * c).to(value.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return precision.matmul(probs, value, alpha=f / c, beta_a=1 / c, beta_b=f / c)

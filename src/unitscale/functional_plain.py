@@ -136,7 +136,7 @@ def add(left, right, *, constraint="gmean") -> Tensor:
     return y * law(left=y.numel() / left.numel(), right=y.numel() / right.numel())
 
 
-def weighted_add(left, right, left_weight, right_weight) -> Tensor:
+def weighted_add(left, right, left_weight, right_weight, *, cut=()) -> Tensor:
     return torch.add(left * left_weight, right, alpha=right_weight)
 
 

@@ -50,6 +50,7 @@ from unitscale.analysis.stats import tensor_stats, to_host
 from unitscale.formats import Format, get_format
 from unitscale.precision.backend import Exact
 from unitscale.precision.protocol import Backend
+from unitscale.precision.scales import weight_scale
 
 __all__ = ["ComfortRule", "GroupSeries", "ScaleMonitor", "ScaleWarning", "TensorStats", "layer_group",
            "plot_history", "scale_history", "stats_from_counts", "worst", "worst_text"]
@@ -90,7 +91,10 @@ class _CastTap(Exact):
     def cast_forward(self, t: Tensor, role: str) -> Tensor:  # type: ignore[override]
         fmt = self.inner.formats.get(role)
         if fmt is not None:
-            self.observe(self.forward_name(role), role, fmt, t)
+            mode = getattr(self.inner, "weight_scale", "static") if role == "weight" else "static"
+            # The value the cast rounds: a scaled weight is cast as q(W/s)·s (precision.scales).
+            seen = t if mode == "static" else _unscaled(t, weight_scale(t, mode, fmt.max))
+            self.observe(self.forward_name(role), role, fmt, seen)
         return self.inner.cast_forward(t, role)
 
     def cast_backward(self, grad: Tensor) -> Tensor:
@@ -142,8 +146,9 @@ class _ModuleTap:
                 and fp8.fp8_supported(x.device)):
             return y
         formats = backend.formats
-        pow2 = backend.weight_scale == "pow2_rms"
-        s_w = fp8.pow2_rms_scale(weight) if pow2 else backend.weight_static_scale
+        w_max = torch.finfo(formats["weight"]).max  # the rule Fp8Backend.weight_fp8 applies
+        s_w = weight_scale(weight.to(fp8._compute_dtype(x)), backend.weight_scale, w_max,
+                           backend.weight_static_scale)
         self._observe("activation" + suffix, "activation", formats["activation"],
                       _unscaled(x.detach(), backend.activation_scale))
         self._observe("weight" + suffix, "weight", formats["weight"], _unscaled(weight.detach(), s_w))

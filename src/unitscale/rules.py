@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unitscale.formats import Format, get_format
 from unitscale.scale import Constraint, resolve
 
 WEIGHT_GRAD_EXPONENT = 0.5
@@ -327,16 +328,26 @@ def add_rule(left_broadcast: float = 1.0, right_broadcast: float = 1.0) -> OpSca
     )
 
 
-def weighted_add_rule(left_weight: float, right_weight: float) -> OpScales:
-    """a·x + c·y with a² + c² = 1: weight a on x and c on y in both passes (the true gradient).
+WEIGHTED_ADD_INPUTS = ("left", "right")
 
-    alpha here is 1: the weights are part of f; betas = (a, c) are what each input's gradient gets."""
+
+def weighted_add_rule(left_weight: float, right_weight: float, cut: tuple[str, ...] = ()) -> OpScales:
+    """a·x + c·y with a² + c² = 1: weight a on x and c on y going forward (alpha = 1, the weights are
+    part of f). Going back an input over a non-cut edge gets its weight (α = β by construction: the true
+    gradient); an input named in ``cut`` ("left", "right") gets 1, its ideal factor, since the output
+    gradient is already unit (docs/theory.md, Add and weighted add)."""
     a, c = _positive("left_weight", left_weight), _positive("right_weight", right_weight)
     if not math.isclose(a * a + c * c, 1.0, rel_tol=1e-6):
         raise ValueError(
             f"weighted add needs left_weight² + right_weight² = 1, got {a!r}² + {c!r}² = {a * a + c * c!r}"
         )
-    return OpScales(1.0, {"left": a, "right": c}, (), "α = β per input by construction")
+    cut = (cut,) if isinstance(cut, str) else tuple(cut)
+    unknown = [name for name in cut if name not in WEIGHTED_ADD_INPUTS]
+    if unknown:
+        raise ValueError(f"weighted add: unknown cut input(s) {unknown!r}; accepted: 'left', 'right'")
+    betas = {"left": 1.0 if "left" in cut else a, "right": 1.0 if "right" in cut else c}
+    note = "α = β per input by construction" if not cut else "cut inputs: β = 1 (the output gradient is unit)"
+    return OpScales(1.0, betas, (), note)
 
 
 def check_tau(tau: float, *, allow_one: bool = False, name: str | None = None) -> float:
@@ -392,11 +403,26 @@ def dropout_rule(p: float) -> OpScales:
     return OpScales(math.sqrt(1 - p), {"input": math.sqrt(1 - p)}, ("input",), "already equal")
 
 
-# Attention probabilities lie in [0, 1] with mean 1/s per row, so at s ≥ 64 most of them sit below E4M3's
-# smallest normal (2^-6) when cast for the PV matmul. Times 2^8 (a power of two: exact in every float
-# format) p ≥ 2^-14 is normal in E4M3 and p = 1 maps to 256 < 448, so no FP8 format overflows; the PV
-# matmul's α and β's take 2^-8 back. A static scale: no amax of P is ever computed.
-ATTENTION_PROBS_SCALE = 256.0
+ATTENTION_PROBS_SCALE_CAP = 2.0**8
+"""The largest probability scale: 2^8 puts p ≥ 2^-14 in E4M3's normal range (docs/theory.md, Attention
+probability scale) and keeps the unscaled products P·c·V, P·c·∂Y small enough for fp16 compute."""
+
+
+def attention_probs_scale(fmt: str | Format | torch.dtype | None = None) -> float:
+    """c = min(2^8, 2^⌊log2 max⌋): the power of two that attention probabilities P ∈ [0, 1] are multiplied
+    by before the PV matmul casts them to ``fmt`` (a format name, ``Format``, torch dtype or None = no cast).
+
+    P = 1 (a causal row 0) maps to c ≤ max, so nothing saturates; a power of two only moves the exponent,
+    so the product is exact; small p gain log2 c binades above the subnormal range. The matmul's α and the
+    β's of P and V take 1/c back. Static: no amax of P is ever computed (docs/theory.md, Attention
+    probability scale)."""
+    if fmt is None:
+        return ATTENTION_PROBS_SCALE_CAP
+    if isinstance(fmt, torch.dtype):
+        largest = torch.finfo(fmt).max if fmt.is_floating_point else torch.iinfo(fmt).max
+    else:
+        largest = get_format(fmt).max
+    return min(ATTENTION_PROBS_SCALE_CAP, 2.0 ** math.floor(math.log2(largest)))
 
 
 def attention_rule(s: int, dropout_p: float = 0.0) -> OpScales:
@@ -496,7 +522,7 @@ def _doc_rows() -> list[tuple[str, str, str, str, OpScales]]:
         (
             "weighted add a·x + c·y, a²+c²=1",
             "a on x, c on y",
-            "a, c (true gradient)",
+            "a, c (true gradient); 1 on a cut input",
             "a=c=2^-½",
             weighted_add_rule(2**-0.5, 2**-0.5),
         ),

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unitscale.functional import causal_conv_shapes
+from unitscale.functional import causal_conv_shapes, masked_softmax
 from unitscale.precision.protocol import Backend
 
 # functional twins: the plain ops
@@ -24,7 +24,9 @@ relu = F.relu
 gelu = F.gelu
 
 
-def weighted_add(left: Tensor, right: Tensor, left_weight: float, right_weight: float) -> Tensor:
+def weighted_add(
+    left: Tensor, right: Tensor, left_weight: float, right_weight: float, *, cut: tuple[str, ...] = ()
+) -> Tensor:
     """The standard twin of a weighted add is the plain sum (ordinary models add embeddings)."""
     return left + right
 
@@ -44,18 +46,10 @@ def scaled_dot_product_attention(
     if precision is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
     scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
-    logits = precision.matmul(query, key.transpose(-1, -2), alpha=scale)
-    s_q, s_k = query.shape[-2], key.shape[-2]
-    if is_causal:
-        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=query.device).tril(s_k - s_q)
-        logits = logits.masked_fill(~mask, float("-inf"))
-    if attn_mask is not None:
-        logits = (
-            logits.masked_fill(~attn_mask, float("-inf"))
-            if attn_mask.dtype == torch.bool
-            else logits + attn_mask
-        )
-    probs = F.dropout(torch.softmax(logits.float(), dim=-1).to(value.dtype), dropout_p)
+    # A backend's β replaces the chain rule: the logit scale must be on the gradients as well.
+    logits = precision.matmul(query, key.transpose(-1, -2), alpha=scale, beta_a=scale, beta_b=scale)
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    probs = F.dropout(masked_softmax(logits, attn_mask, is_causal, dtype=compute).to(value.dtype), dropout_p)
     return precision.matmul(probs, value)
 
 

@@ -177,7 +177,8 @@ class CharLM(nn.Module):
         if self.pos is not None:
             # Look up every (batch, position) so the embedding rule sees all b·t uses of the table.
             pos = self.pos(torch.arange(t, device=idx.device).expand(b, t))
-            x = self.ops.weighted_add(x, pos, math.sqrt(0.5), math.sqrt(0.5))
+            cut = ("left", "right")  # both tables are added once (cut edges): gradients pass unscaled
+            x = self.ops.weighted_add(x, pos, math.sqrt(0.5), math.sqrt(0.5), cut=cut)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)

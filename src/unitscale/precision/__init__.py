@@ -1,14 +1,17 @@
 """Precision: recipes, matmul backends and ``apply(model, recipe)``.
 
-``apply`` walks a model and gives every matmul-running module its backend: unitscale modules (anything
-with a ``precision`` attribute) get it directly; plain ``nn.Linear`` modules become ``QuantisedLinear``
-(same parameters, same state_dict keys). Modules whose matmuls cannot be reached are reported by name.
+``apply`` walks a model and gives every matmul-running module its backend: unitscale modules (instances of
+a unitscale class with a ``precision`` attribute, subclasses included) get it directly; ``nn.Linear`` and
+its subclasses become ``QuantisedLinear`` (same parameters, same state_dict keys; a subclass keeps its own
+class and methods). Modules whose matmuls cannot be reached are reported by name. ``module_filter_fn(module,
+fqn) -> bool`` (as in torchao) leaves the modules it rejects untouched.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -36,6 +39,7 @@ __all__ = [
 
 # Modules whose internal matmuls bypass any backend: reported, never silently left unquantised.
 _UNREACHABLE = (nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase, nn.Bilinear, nn.modules.conv._ConvNd)
+ModuleFilter = Callable[[nn.Module, str], bool]
 
 
 class QuantisedLinear(nn.Linear):
@@ -51,6 +55,20 @@ class QuantisedLinear(nn.Linear):
         plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
         plain.weight, plain.bias = self.weight, self.bias
         return plain
+
+
+@cache
+def _quantised_class(cls: type) -> type:
+    """QuantisedLinear for nn.Linear; for a subclass, one that is both (its own methods first, so a forward
+    it overrides still runs and reaches the backend through ``super().forward``)."""
+    if cls is nn.Linear or issubclass(cls, QuantisedLinear):
+        return QuantisedLinear if cls is nn.Linear else cls
+    return type(f"Quantised{cls.__name__}", (cls, QuantisedLinear), {"__module__": cls.__module__})
+
+
+def _is_unitscale_module(module: nn.Module) -> bool:
+    """An instance of a class defined in unitscale (a user's subclass of one included)."""
+    return any(c.__module__.split(".")[0] == "unitscale" for c in type(module).__mro__)
 
 
 @dataclass(frozen=True)
@@ -74,17 +92,37 @@ def _kind(module: nn.Module) -> str:
     return "linear" if hasattr(module, "in_features") and hasattr(module, "weight") else "attention"
 
 
-def plan(model: nn.Module, recipe: Recipe | str) -> list[MatmulPlan]:
-    """Where each matmul of ``model`` will run under ``recipe`` (one rule for apply and describe)."""
+def plan(
+    model: nn.Module, recipe: Recipe | str, module_filter_fn: ModuleFilter | None = None
+) -> list[MatmulPlan]:
+    """Where each matmul of ``model`` will run under ``recipe`` (one rule for apply and describe).
+
+    Matmul-running modules are found by ``isinstance``: unitscale modules holding ``precision``, any
+    ``nn.Linear`` (subclasses too) and the unreachable kinds; modules inside an unreachable one (the
+    ``out_proj`` of ``nn.MultiheadAttention``, which its forward never calls) are not separate matmuls.
+    ``module_filter_fn(module, fqn)`` returning False leaves a module out: its row says so (backend "none").
+    """
     recipe = get_recipe(recipe)
-    rows = []
+    rows: list[MatmulPlan] = []
+    inside: list[str] = []  # paths of unreachable modules: their children are covered by their row
     for path, module in model.named_modules():
-        owns = hasattr(module, "precision") and type(module).__module__.startswith("unitscale")
-        if not (owns or type(module) is nn.Linear or isinstance(module, _UNREACHABLE)):
+        if any(path.startswith(p + ".") for p in inside):
+            continue
+        owns = hasattr(module, "precision") and _is_unitscale_module(module)
+        if not (owns or isinstance(module, (nn.Linear, *_UNREACHABLE))):
             continue
         kind = _kind(module)
+        if kind == "unreachable":
+            inside.append(path)
         sub, why = recipe.for_module(path)
         sub, why = _effective(sub, recipe, why)
+        if module_filter_fn is not None and not module_filter_fn(module, path):
+            rows.append(MatmulPlan(path, kind, sub, "none", "excluded by module_filter_fn"))
+            continue
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin):
+            rows.append(MatmulPlan(path, "unreachable", sub, "none",
+                                   f"{type(module).__name__} is uninitialised: run one forward first"))
+            continue
         if kind == "unreachable":
             rows.append(MatmulPlan(path, kind, sub, "none", f"{type(module).__name__} matmuls are internal"))
             continue
@@ -93,6 +131,10 @@ def plan(model: nn.Module, recipe: Recipe | str) -> list[MatmulPlan]:
             why += f"; {kind} matmuls stay in high precision (INT4 paper: linear layers only)"
         elif sub.backend == "fp8" and backend == "simulate":
             why += "; no CUDA: fp8 falls back to simulate"
+        elif sub.backend == "fp8" and backend == "exact":
+            why += f"; {kind} matmuls are batched (_scaled_mm is 2-D): torch's fused SDPA, compute dtype"
+        if not owns and type(module).forward is not nn.Linear.forward:
+            why += f"; {type(module).__name__}.forward reaches the backend only through nn.Linear.forward"
         rows.append(MatmulPlan(path, kind, sub, backend, why))
     return rows
 
@@ -106,8 +148,9 @@ def _effective(sub: Recipe, top: Recipe, why: str) -> tuple[Recipe, str]:
     fmt = _DTYPE_FORMATS.get(sub.compute_dtype)
     if sub is top or sub.quantises or sub.compute_dtype == top.compute_dtype or fmt is None:
         return sub, why
-    simulated = dataclasses.replace(sub, weight_format=fmt, activation_format=fmt, grad_format=fmt,
-                                    compute_dtype=top.compute_dtype)
+    simulated = dataclasses.replace(
+        sub, weight_format=fmt, activation_format=fmt, grad_format=fmt, compute_dtype=top.compute_dtype
+    )
     return simulated, f"{why}; {fmt} rounding simulated in {str(top.compute_dtype).split('.')[-1]} compute"
 
 
@@ -116,6 +159,10 @@ def _backend_name(recipe: Recipe, kind: str) -> str:
         return "exact"
     if recipe.backend == "fp8" and not torch.cuda.is_available():
         return "simulate"
+    if recipe.backend == "fp8" and kind == "attention":
+        # Fp8Backend runs batched matmuls in the compute dtype anyway; with no backend the attention module
+        # calls torch's fused scaled_dot_product_attention (flash attention) instead of matmul-softmax-matmul.
+        return "exact"
     if recipe.backend == "simulate" and not recipe.quantises:
         return "exact"
     return recipe.backend
@@ -125,7 +172,14 @@ def _backend_name(recipe: Recipe, kind: str) -> str:
 def _shared_simulate(recipe: Recipe) -> Exact:
     from unitscale.precision.simulate import Simulate
 
-    return Simulate(recipe.weight_format, recipe.activation_format, recipe.grad_format, recipe.grad_rounding)
+    return Simulate(
+        recipe.weight_format,
+        recipe.activation_format,
+        recipe.grad_format,
+        recipe.grad_rounding,
+        recipe.saturate,
+        weight_scale=recipe.weight_scale,
+    )
 
 
 def backend_for(module: nn.Module, recipe: Recipe, kind: str | None = None) -> Backend | None:
@@ -157,19 +211,25 @@ def _set_backend(module: nn.Module, backend: Backend | None) -> None:
 _warned_fp8_fallback = False
 
 
-def apply(model: nn.Module, recipe: Recipe | str) -> nn.Module:
+def apply(
+    model: nn.Module, recipe: Recipe | str, *, module_filter_fn: ModuleFilter | None = None
+) -> nn.Module:
     """Give every matmul of ``model`` the backend ``recipe`` asks for (in place; returns ``model``).
 
-    Unitscale modules get the backend in their ``precision`` attribute; plain ``nn.Linear`` becomes
-    ``QuantisedLinear`` (same parameters and state_dict keys). Modules with internal matmuls that no backend
-    reaches (nn.MultiheadAttention, convs, RNNs) are named in a warning when the recipe quantises them.
+    Unitscale modules get the backend in their ``precision`` attribute; ``nn.Linear`` (and subclasses)
+    become ``QuantisedLinear`` (same parameters and state_dict keys; a subclass stays an instance of its
+    class). Modules with internal matmuls that no backend reaches (nn.MultiheadAttention, convs, RNNs) are
+    named in a warning when the recipe quantises them. ``module_filter_fn(module, fqn) -> bool``: modules it
+    rejects are left as they are (e.g. ``lambda m, fqn: "lm_head" not in fqn``).
     """
     global _warned_fp8_fallback
     recipe = get_recipe(recipe)
     modules = dict(model.named_modules())
     unreachable = []
-    for row in plan(model, recipe):
+    for row in plan(model, recipe, module_filter_fn):
         module = modules[row.path]
+        if row.backend == "none" and row.kind != "unreachable":
+            continue  # excluded by module_filter_fn
         if row.kind == "unreachable":
             if row.recipe.quantises:
                 unreachable.append(f"{row.path or '<root>'} ({type(module).__name__})")
@@ -179,8 +239,8 @@ def apply(model: nn.Module, recipe: Recipe | str) -> nn.Module:
                 "unitscale: no CUDA device, the fp8 backend runs as the simulate backend", stacklevel=2
             )
             _warned_fp8_fallback = True
-        if type(module) is nn.Linear:
-            module.__class__ = QuantisedLinear
+        if isinstance(module, nn.Linear) and not _is_unitscale_module(module):
+            module.__class__ = _quantised_class(type(module))
         backend = backend_for(module, row.recipe, row.kind)
         _set_backend(module, EXACT if backend is None and isinstance(module, QuantisedLinear) else backend)
     if unreachable:
@@ -193,9 +253,11 @@ def apply(model: nn.Module, recipe: Recipe | str) -> nn.Module:
     return model
 
 
-def describe(model: nn.Module, recipe: Recipe | str) -> str:
+def describe(
+    model: nn.Module, recipe: Recipe | str, module_filter_fn: ModuleFilter | None = None
+) -> str:
     """A table of every matmul in ``model``: the format and backend it runs in under ``recipe``, and why."""
-    rows = plan(model, recipe)
+    rows = plan(model, recipe, module_filter_fn)
     width = max([len(r.path) for r in rows] + [6])
     lines = [f"{'module':<{width}}  {'kind':<11} {'backend':<9} {'w/x/grad formats':<28} reason"]
     for r in rows:

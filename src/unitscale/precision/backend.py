@@ -21,16 +21,43 @@ from unitscale.precision.protocol import Backend, Role
 __all__ = ["EXACT", "Backend", "Exact", "Role"]
 
 
+_WIDE = (torch.float32, torch.float64)
+
+
 def _gemm(a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """scale · (a @ b) for 2-D operands: on CUDA the scale rides in cuBLAS's epilogue (``addmm`` alpha);
-    on CPU an in-place multiply of the product is measured faster than ``addmm`` with beta = 0."""
+    """scale · (a @ b) for 2-D operands, the scale applied before the product is rounded to its dtype.
+
+    ``addmm``'s alpha multiplies the FP32 accumulator (cuBLAS's epilogue on CUDA, the CPU kernels alike), so a
+    half-precision product whose unscaled value would overflow (an fp16 weight gradient under a loss scale)
+    comes out finite. FP32 on CPU: an in-place multiply of the product, measured faster than ``addmm`` with
+    beta = 0; FP32 has the range to round first.
+    """
     if scale == 1.0:
         return torch.mm(a, b)
-    if a.is_cuda:
+    if a.is_cuda or a.dtype not in _WIDE:
         dtype = torch.promote_types(a.dtype, b.dtype)
         out = torch.empty(a.shape[0], b.shape[1], dtype=dtype, device=a.device)
         return torch.addmm(out, a, b, beta=0, alpha=scale)
     return torch.mm(a, b).mul_(scale)
+
+
+def _matmul(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """scale · (a @ b) for batched, broadcasting operands (≥ 2-D), the scale applied before rounding.
+
+    A 2-D right operand folds the batch into rows (one ``addmm``); otherwise the batch dims broadcast and
+    ``baddbmm``'s alpha scales the accumulator, as in :func:`_gemm`.
+    """
+    if scale == 1.0 or (a.dtype in _WIDE and not a.is_cuda):
+        y = torch.matmul(a, b)
+        return y if scale == 1.0 else y.mul_(scale)
+    if b.dim() == 2:
+        return _gemm(a.reshape(-1, a.shape[-1]), b, scale).reshape(*a.shape[:-1], b.shape[-1])
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    a3 = a.expand(*batch, m, k).reshape(-1, m, k)
+    b3 = b.expand(*batch, k, n).reshape(-1, k, n)
+    out = torch.empty(a3.shape[0], m, n, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    return torch.baddbmm(out, a3, b3, beta=0, alpha=scale).reshape(*batch, m, n)
 
 
 class _ScaledLinear(torch.autograd.Function):
@@ -63,8 +90,10 @@ class _ScaledLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gw = _gemm(g.t(), xq.to(g.dtype), beta_w)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            # The bias is not a matmul input: its gradient is a row sum of the unquantised gradient.
-            gb = g_raw.sum(0) * beta_b
+            # The bias is not a matmul input: its gradient is a row sum of the unquantised gradient, summed
+            # and scaled in at least FP32 before rounding (the unscaled sum may overflow fp16).
+            acc = torch.promote_types(g_raw.dtype, torch.float32)
+            gb = g_raw.sum(0, dtype=acc).mul_(beta_b).to(g_raw.dtype)
         return gx, gw, gb, None, None, None, None, None
 
 
@@ -75,8 +104,7 @@ class _ScaledMatmul(torch.autograd.Function):
         ctx.save_for_backward(aq, bq)
         ctx.scales = (beta_a, beta_b)
         ctx.backend = backend
-        y = torch.matmul(aq, bq)
-        return y * alpha if alpha != 1.0 else y
+        return _matmul(aq, bq, alpha)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -85,9 +113,9 @@ class _ScaledMatmul(torch.autograd.Function):
         g = ctx.backend.cast_backward(grad)
         ga = gb = None
         if ctx.needs_input_grad[0]:
-            ga = _reduce_to(torch.matmul(g, bq.to(g.dtype).transpose(-1, -2)), aq.shape) * beta_a
+            ga = _reduce_to(_matmul(g, bq.to(g.dtype).transpose(-1, -2), beta_a), aq.shape)
         if ctx.needs_input_grad[1]:
-            gb = _reduce_to(torch.matmul(aq.to(g.dtype).transpose(-1, -2), g), bq.shape) * beta_b
+            gb = _reduce_to(_matmul(aq.to(g.dtype).transpose(-1, -2), g, beta_b), bq.shape)
         return ga, gb, None, None, None, None, None
 
 

@@ -14,31 +14,37 @@ saved for backward: q(x)ᵀ (the wgrad operand, the one activation copy kept) an
 With q = the simulate backend's RNE + saturation, outputs equal ``Simulate(fp8_e4b, fp8_e4b, fp8_e5b)``
 up to accumulation order (and the forward's fast accumulation on Hopper).
 
-Weights are the one exception to static scales: ``weight_scale="pow2_rms"`` recomputes, on the device on
-every call, s_w = 2^round(log2 rms(W)) (weights drift from σ = 1 under Adam); the default ``"static"``
-keeps s_w fixed. In eager mode a weight's FP8 copies are cached until its version counter changes (one cast
-per optimizer step, however often the weight is used). A per-call shape rule (:class:`Dispatch`) sends
-small GEMMs to the compute dtype, where FP8 is measured slower. Batched matmuls (attention) run in the
-compute dtype: ``_scaled_mm`` is 2-D only.
+Weights are the one exception to static scales: ``weight_scale="pow2_amax"`` (what the training recipes
+use) or ``"pow2_rms"`` computes, on the device at every cast, a power-of-two s_w from the weight itself
+(``precision.scales``, the rule the simulate backend calls too); the default ``"static"`` keeps s_w fixed (the
+paper's unscaled casts). A weight is cast once per forward call and that cast is saved for the same call's
+backward: no FP8 copy outlives its call, so a weight changed in any way (an optimizer step, an FSDP2
+all-gather into the same storage, ``weight.data = ...``) is always read afresh. A per-call shape rule
+(:class:`Dispatch`) sends small GEMMs to the compute dtype, where FP8 is measured slower. Batched matmuls
+(attention) run in the compute dtype: ``_scaled_mm`` is 2-D only.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from unitscale.formats import get_format
 from unitscale.precision.backend import Exact
+from unitscale.precision.scales import (  # noqa: F401  (pow2_rms_scale: re-exported)
+    WEIGHT_SCALES,
+    WeightScale,
+    check_weight_scale,
+    pow2_rms_scale,
+    weight_scale,
+)
 
-WeightScale = Literal["static", "pow2_rms"]
-WEIGHT_SCALES: tuple[str, ...] = ("static", "pow2_rms")
 # Hopper tensor cores run the OCP formats only.
 FP8_FORMATS: dict[str, torch.dtype] = {"fp8_e4b": torch.float8_e4m3fn, "fp8_e5b": torch.float8_e5m2}
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -106,30 +112,11 @@ def check_pow2(name: str, value: float) -> float:
     return value
 
 
-def pow2_rms_scale(w: Tensor) -> Tensor:
-    """s = 2^round(log2 rms(w)) as a float32 0-dim tensor on w's device; 1 if rms is 0 or not finite.
-
-    Computed on the device (no host sync); the power of two keeps q(w/s)·s free of scaling error.
-    """
-    rms = w.detach().float().pow(2).mean().sqrt()
-    k = torch.round(torch.log2(rms))
-    k = torch.where(torch.isfinite(k), k, torch.zeros_like(k)).clamp(-126, 127)
-    return torch.ldexp(torch.ones_like(k), k)
-
-
 def _compute_dtype(x: Tensor) -> torch.dtype:
     device = x.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
-
-
-def _use_triton(t: Tensor) -> bool:
-    if not t.is_cuda or torch.compiler.is_compiling():
-        return False  # compiled graphs: Inductor fuses the torch ops below into one kernel
-    from unitscale.precision.fp8_kernels import TRITON_AVAILABLE
-
-    return TRITON_AVAILABLE
 
 
 def cast_pair(
@@ -144,22 +131,14 @@ def cast_pair(
     """(q, qᵀ contiguous) with q = fp8(clamp(ρ(t)·inv_scale, ±max)) for a 2-D ``t``; None where not asked.
 
     ρ rounds to ``round_to`` first (the compute dtype, i.e. what the simulate backend would quantise).
-    CUDA eager: one fused Triton pass (fp8_kernels); elsewhere torch ops (fused by Inductor when compiled).
+    One registered op (fp8_kernels.fp8_cast_pair): the fused Triton pass on CUDA, eager or compiled (no
+    graph break), torch ops elsewhere.
     """
-    if _use_triton(t):
-        from unitscale.precision.fp8_kernels import cast_transpose
+    from unitscale.precision.fp8_kernels import fp8_cast_pair
 
-        if not isinstance(inv_scale, Tensor):
-            inv_scale = _const(inv_scale, t.device)
-        pre = round_to if round_to is not None and round_to != t.dtype else None
-        return cast_transpose(t, inv_scale.reshape(1), dtype, round_to=pre, write_row=write_row,
-                              write_col=write_col)
-    y = t.to(round_to) if round_to is not None else t
-    if isinstance(inv_scale, Tensor) or inv_scale != 1.0:
-        y = y.float() * inv_scale  # fp32: a power-of-two rescale of fp16 input must not overflow
-    fmax = torch.finfo(dtype).max
-    q = y.clamp(-fmax, fmax).to(dtype)  # explicit clamp: eager casts saturate only from torch 2.12 on
-    return (q if write_row else None), (q.t().contiguous() if write_col else None)
+    if not isinstance(inv_scale, Tensor):
+        inv_scale = _const(inv_scale, t.device)
+    return fp8_cast_pair(t, inv_scale, dtype, round_to=round_to, write_row=write_row, write_col=write_col)
 
 
 _CONSTS: dict[tuple[float, torch.device], Tensor] = {}
@@ -247,9 +226,8 @@ class Fp8Backend(Exact):
     weight_format / activation_format / grad_format: "fp8_e4b" (E4M3) or "fp8_e5b" (E5M2), aliases
     accepted; no GEMM may pair E5M2 with E5M2 (unsupported by the hardware). activation_scale, grad_scale,
     weight_static_scale: the fixed dequantisation scales s (powers of two; 1 for unit-scaled tensors).
-    weight_scale: "static" or "pow2_rms" (per call from the weight's RMS; see module docstring).
-    dispatch: the shape rule sending small linears to the compute dtype. cache_weights: reuse a weight's
-    FP8 copies until it changes (eager mode only; compiled graphs cast once per graph anyway).
+    weight_scale: "static", "pow2_amax" or "pow2_rms" (per cast, from the weight; ``precision.scales``).
+    dispatch: the shape rule sending small linears to the compute dtype.
     """
 
     name = "fp8"
@@ -265,7 +243,6 @@ class Fp8Backend(Exact):
         grad_scale: float = 1.0,
         weight_static_scale: float = 1.0,
         dispatch: Dispatch | None = None,
-        cache_weights: bool = True,
     ) -> None:
         given = {"weight": weight_format, "activation": activation_format, "grad": grad_format}
         self.formats = {role: _fp8_dtype(role, fmt) for role, fmt in given.items()}
@@ -277,44 +254,28 @@ class Fp8Backend(Exact):
             if self.formats[r1] == e5 and self.formats[r2] == e5:
                 raise ValueError(f"{gemm} would multiply E5M2 by E5M2, which _scaled_mm does not run; "
                                  "use fp8_e4b for one of them")
-        if weight_scale not in WEIGHT_SCALES:
-            raise ValueError(f"unknown weight_scale {weight_scale!r}; accepted: {', '.join(WEIGHT_SCALES)}")
-        self.weight_scale = weight_scale
+        self.weight_scale = check_weight_scale(weight_scale)
         self.activation_scale = check_pow2("activation_scale", activation_scale)
         self.grad_scale = check_pow2("grad_scale", grad_scale)
         self.weight_static_scale = check_pow2("weight_static_scale", weight_static_scale)
         self.dispatch = Dispatch() if dispatch is None else dispatch
-        self.cache_weights = cache_weights
-        self._cache: dict[int, tuple[Any, ...]] = {}
 
     # Weight copies ----------------------------------------------------------------------------------------
     def weight_fp8(
         self, weight: Tensor, dtype: torch.dtype, compute: torch.dtype
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(q(W) [N, K], q(W)ᵀ [K, N] contiguous, s_w) for ``weight``, from the cache when still valid."""
-        eager = self.cache_weights and not torch.compiler.is_compiling()
-        key = id(weight)
-        if eager:
-            hit = self._cache.get(key)
-            if hit is not None and hit[0]() is weight and hit[1] == (weight._version, dtype, compute):
-                return hit[2]
-        if self.weight_scale == "pow2_rms":
-            s_w = pow2_rms_scale(weight)
-            inv: float | Tensor = 1.0 / s_w
-        else:
-            s_w = _const(self.weight_static_scale, weight.device)
-            inv = 1.0 / self.weight_static_scale
-        w8, w8t = cast_pair(weight.detach(), inv, dtype, round_to=compute)
-        out = (w8, w8t, s_w)
-        if eager:
-            cache = self._cache
-            ref = weakref.ref(weight, lambda _, k=key: cache.pop(k, None))
-            cache[key] = (ref, (weight._version, dtype, compute), out)
-        return out
+        """(q(W/s_w) [N, K], its transpose [K, N] contiguous, s_w), cast from ``weight`` as it is now.
 
-    def clear_cache(self) -> None:
-        """Drop every cached weight copy (frees their memory)."""
-        self._cache.clear()
+        Never cached across calls: the forward casts once and saves the copy for its own backward.
+        """
+        if self.weight_scale == "static":
+            s_w = _const(self.weight_static_scale, weight.device)
+            inv: float | Tensor = 1.0 / self.weight_static_scale
+        else:
+            s_w = weight_scale(weight.to(compute), self.weight_scale, torch.finfo(dtype).max)
+            inv = 1.0 / s_w
+        w8, w8t = cast_pair(weight.detach(), inv, dtype, round_to=compute)
+        return w8, w8t, s_w
 
     # The backend protocol ----------------------------------------------------------------------------------
     def linear(
@@ -369,14 +330,17 @@ def _warn_no_fp8_cores() -> None:
 
 
 @cache
-def _shared(weight_format: str, activation_format: str, grad_format: str, grad_scale: float) -> Fp8Backend:
-    return Fp8Backend(weight_format, activation_format, grad_format, grad_scale=grad_scale)
+def _shared(weight_format: str, activation_format: str, grad_format: str, grad_scale: float,
+            weight_scale: WeightScale) -> Fp8Backend:
+    return Fp8Backend(weight_format, activation_format, grad_format, grad_scale=grad_scale,
+                      weight_scale=weight_scale)
 
 
 def fp8_backend_for(module: torch.nn.Module, recipe: Any) -> Fp8Backend:
     """The backend ``precision.apply`` gives a module under an fp8-backend recipe (shared per recipe).
 
-    Uses the recipe's formats, static unit scales and the default :class:`Dispatch`. A static loss scale S
+    Uses the recipe's formats and weight scale, static unit scales for activations and gradients and the
+    default :class:`Dispatch`. A static loss scale S
     makes every gradient S times larger than unit, so gradients get the static scale 2^round(log2 S).
     Stochastic gradient rounding has no hardware path and raises ValueError.
     """
@@ -391,4 +355,4 @@ def fp8_backend_for(module: torch.nn.Module, recipe: Any) -> Fp8Backend:
         _warn_no_fp8_cores()
     loss_scale = getattr(recipe, "loss_scale", None)
     grad_scale = 2.0 ** round(math.log2(loss_scale)) if loss_scale else 1.0
-    return _shared(*formats, grad_scale)
+    return _shared(*formats, grad_scale, getattr(recipe, "weight_scale", "static"))

@@ -18,8 +18,17 @@ BACKENDS = ("simulate", "fp8", "int4")
 ROUNDINGS = ("nearest", "stochastic")
 # u-μP's "critical matmuls": kept in BF16 when everything else runs in FP8 (attention output projection,
 # FFN down projection, the head), for the char-LMs (body.out / body.down), unitscale.nn and BERT-style names.
-CRITICAL_MATMULS = ("lm_head", "*.lm_head", "*.body.out", "*.body.down", "*.attn.out", "*.self_attn.out",
-                    "*.mlp.down", "*.attention.output.dense", "*.output.dense")
+CRITICAL_MATMULS = (
+    "lm_head",
+    "*.lm_head",
+    "*.body.out",
+    "*.body.down",
+    "*.attn.out",
+    "*.self_attn.out",
+    "*.mlp.down",
+    "*.attention.output.dense",
+    "*.output.dense",
+)
 HIGH_PRECISION_HEADS = ("lm_head", "*.lm_head", "classifier", "*.classifier", "head", "*.head")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,9 +49,15 @@ class Recipe:
     grad_format: format of the matmul output gradient in the backward pass (None: no cast).
     compute_dtype: dtype of the compute (torch.autocast when not float32); master weights stay float32.
     loss_scale: static loss scale S (loss scaled by S going back, gradients divided by S before the step).
+    weight_scale: how a weight is scaled for its cast (``precision.scales``): "static" (scale 1, the
+    paper's casts) or a power of two computed from the weight at each cast, "pow2_amax" (the FP8 training
+    recipes) or "pow2_rms"; simulate and fp8 backends use the same rule.
     backend: "simulate" (quantise in higher precision, any device), "fp8" (torch._scaled_mm on Hopper; falls
     back to simulate elsewhere) or "int4" (Hadamard quantiser + LSQ + bit split, see precision.int4).
     overrides: (glob on the module path, recipe) pairs, first match wins; e.g. ("lm_head", Recipe.bf16()).
+    saturate: clamp finite values beyond ±max to ±max when casting (a scaled FP8 cast on hardware; the FP8
+    recipes). Off: they overflow to inf (NaN where the format has none), as a real FP16 cast does. Either
+    way ±inf and NaN are never made finite (docs/theory.md, Special values and saturation).
     """
 
     name: str = "custom"
@@ -51,10 +66,12 @@ class Recipe:
     grad_format: str | None = None
     compute_dtype: torch.dtype = torch.float32
     loss_scale: float | None = None
+    weight_scale: str = "static"
     backend: str = "simulate"
     grad_rounding: str = "nearest"
     int4_config: Any = None
     overrides: tuple[tuple[str, Recipe], ...] = field(default=())
+    saturate: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -69,6 +86,9 @@ class Recipe:
             )
         if self.loss_scale is not None and not self.loss_scale > 0:
             raise ValueError(f"loss_scale must be a positive number or None, got {self.loss_scale!r}")
+        from unitscale.precision.scales import check_weight_scale
+
+        check_weight_scale(self.weight_scale)
         for attr in ("weight_format", "activation_format", "grad_format"):
             object.__setattr__(self, attr, _format_name(getattr(self, attr)))
         for pattern, sub in self.overrides:
@@ -103,8 +123,19 @@ class Recipe:
         )
 
     @classmethod
-    def fp8(cls, backend: str = "simulate", variant: str = "b", loss_scale: float | None = None) -> Recipe:
-        """E4 weights/activations forward, E5 gradients backward (variant "b" = OCP/Hopper, "a" = fnuz)."""
+    def fp8(
+        cls,
+        backend: str = "simulate",
+        variant: str = "b",
+        loss_scale: float | None = None,
+        weight_scale: str = "pow2_amax",
+    ) -> Recipe:
+        """E4 weights/activations forward, E5 gradients backward (variant "b" = OCP/Hopper, "a" = fnuz).
+
+        Each weight is cast with its own power-of-two scale (``weight_scale="pow2_amax"``, refreshed at every
+        cast); activations and gradients with scale 1. ``weight_scale="static"`` gives the unit-scaling
+        paper's unscaled casts (:meth:`fp8_paper`).
+        """
         if variant not in ("a", "b"):
             raise ValueError(f"unknown FP8 variant {variant!r}; accepted: 'a' (fnuz), 'b' (OCP, Hopper)")
         if backend not in ("simulate", "fp8"):
@@ -120,7 +151,17 @@ class Recipe:
             grad_format=e5,
             backend=backend,
             loss_scale=loss_scale,
+            saturate=True,
+            weight_scale=weight_scale,
         )
+
+    @classmethod
+    def fp8_paper(
+        cls, backend: str = "simulate", variant: str = "b", loss_scale: float | None = None
+    ) -> Recipe:
+        """The unit-scaling paper's FP8: every cast, weights included, with scale 1 (its reproductions)."""
+        base = cls.fp8(backend=backend, variant=variant, loss_scale=loss_scale, weight_scale="static")
+        return dataclasses.replace(base, name=base.name.replace("fp8", "fp8-paper", 1))
 
     @classmethod
     def fp8_critical_bf16(cls, backend: str = "simulate") -> Recipe:
@@ -173,6 +214,10 @@ class Recipe:
         parts = [f"{self.name}: backend={self.backend}", f"compute={str(self.compute_dtype).split('.')[-1]}"]
         if self.quantises:
             parts.append(f"w={self.weight_format} x={self.activation_format} grad={self.grad_format}")
+        if self.weight_scale != "static":
+            parts.append(f"weight_scale={self.weight_scale}")
+        if self.weight_scale != "static":
+            parts.append(f"weight_scale={self.weight_scale}")
         if self.loss_scale is not None:
             parts.append(f"loss_scale={self.loss_scale:g}")
         return ", ".join(parts)
@@ -190,6 +235,9 @@ _NAMED = {
     "fp8-loss-scaled": lambda: Recipe.fp8(loss_scale=2048.0),
     "fp8-hw": lambda: Recipe.fp8(backend="fp8"),
     "fp8-critical-bf16": Recipe.fp8_critical_bf16,
+    "fp8-paper": Recipe.fp8_paper,
+    "fp8-paper-e4a": lambda: Recipe.fp8_paper(variant="a"),
+    "fp8-paper-loss-scaled": lambda: Recipe.fp8_paper(loss_scale=2048.0),
     "int4": Recipe.int4,
     "int4-naive": Recipe.int4_naive,
 }

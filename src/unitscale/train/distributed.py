@@ -94,10 +94,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_unit_scaled(model: nn.Module) -> bool:
+    """True for a model built with ``scaling="unit"`` or holding an instance of any ``unitscale.nn`` class
+    (subclasses included: a user's subclass of ``unitscale.nn.Linear`` counts)."""
     cfg = getattr(unwrap(model), "cfg", None)
     if cfg is not None and hasattr(cfg, "scaling"):
         return cfg.scaling == "unit"
-    return any(type(m).__module__ == "unitscale.nn" for m in model.modules())
+    return any(c.__module__ == "unitscale.nn" for m in model.modules() for c in type(m).__mro__)
 
 
 def grad_correction(model: nn.Module, d: Dist, rows: float | None = None) -> float:

@@ -24,7 +24,7 @@ from typing import Any
 
 FAMILIES = ("gpt", "gpt-post", "conv", "rnn")
 SCALINGS = ("standard", "unit")
-PRECISIONS = ("fp32", "fp16", "fp16-loss-scaled", "fp8")
+PRECISIONS = ("fp32", "fp16", "fp16-loss-scaled", "fp8-paper")  # the paper's unscaled FP8 casts
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -311,7 +311,7 @@ def plot(best: dict[tuple[str, str, str, str], dict[str, Any]], path: Path) -> N
     groups = sorted({(k[0], k[3]) for k in best})
     precisions = [p for p in PRECISIONS if any(k[2] == p for k in best)]
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 5))
-    markers = {"fp32": "o", "fp16": "v", "fp16-loss-scaled": "^", "fp8": "s"}
+    markers = {"fp32": "o", "fp16": "v", "fp16-loss-scaled": "^", "fp8-paper": "s"}
     colors = {"standard": "tab:red", "unit": "tab:blue"}
     finite = [_score(r) for r in best.values() if math.isfinite(_score(r))]
     ceiling = (max(finite) + 0.3) if finite else 5.0

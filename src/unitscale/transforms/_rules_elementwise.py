@@ -4,7 +4,8 @@ shape ops, getitem, max pooling, casts, neg  unchanged              → c
 x + f(x)      residual_split at x, residual_add(skip, scaled(f, k, k), τ), k = √((1−τ)/τ)·c_x/c_f
                                                                     → √(1−τ)·c_x
 x·cos + rot(x)·sin (rotary position product, rot = rotate-half of x)  plain add  → c_x
-a + b (independent, both parameter-dependent)  weighted_add(a, b, c_b/h, c_a/h), h = √(c_a²+c_b²)
+a + b (independent, both parameter-dependent)  weighted_add(a, b, c_b/h, c_a/h), h = √(c_a²+c_b²),
+                                               inputs over cut edges β 1
                                                                     → c_a·c_b/h
 a + const, a − b, masked_fill / where with other values   bring to one factor, plain op
 a·b (gated MLP products included), a/b                              → c_a·c_b, c_a/c_b
@@ -121,14 +122,15 @@ def _add(cv: Converter, node: fx.Node) -> Result | None:
         return _to_common(cv, node, [a, b])
     ca, cb = cv.c(a), cv.c(b)
     left, right = _broadcast_scaled(cv, node, a, b)
+    # inputs arriving over cut edges (token + position embeddings) take the output gradient unscaled
+    cut = {"cut": tuple(side for side, t in (("left", a), ("right", b)) if (t, node) in cv.cut)}
     if not cv.o.keep:  # a sum of n independent unit terms, as nested adds: every term weighs n^-½
         na, nb = cv.terms.get(a, 1), cv.terms.get(b, 1)
         cv.terms[node] = na + nb
-        return cv.call(
-            U.weighted_add, (left, right, math.sqrt(na / (na + nb)), math.sqrt(nb / (na + nb)))
-        ), 1.0
+        weights = (math.sqrt(na / (na + nb)), math.sqrt(nb / (na + nb)))
+        return cv.call(U.weighted_add, (left, right, *weights), cut), 1.0
     norm = math.hypot(ca, cb)
-    return cv.call(U.weighted_add, (left, right, cb / norm, ca / norm)), ca * cb / norm
+    return cv.call(U.weighted_add, (left, right, cb / norm, ca / norm), cut), ca * cb / norm
 
 
 def _broadcast_scaled(cv: Converter, node: fx.Node, a: fx.Node, b: fx.Node) -> tuple[fx.Node, fx.Node]:
