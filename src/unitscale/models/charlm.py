@@ -7,7 +7,7 @@ groups 8) or "rnn" (a recurrent highway cell, coupled carry gate, gate bias −1
 ordinary PyTorch (torch.nn modules, N(0, 0.02) init, plain residual adds, mean cross-entropy);
 ``scaling="unit"`` uses ``unitscale.nn`` blocks (unit init, scaled ops, weighted residuals with τ). This file
 only composes blocks: the unit ones come from ``unitscale.nn``/``unitscale.functional``, the standard ones
-from their plain-torch twins in ``models/_standard.py`` (same names and signatures), so the two models are
+from their plain-torch twins in ``unitscale.standard`` (same names and signatures), so the two models are
 twins with the same parameter names.
 """
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 import unitscale.functional as U
 import unitscale.nn as unn
-from unitscale.models import _standard as S
+from unitscale import standard as S
 from unitscale.rules import check_tau
 
 Mixer = Literal["attention", "conv", "rnn"]
