@@ -16,8 +16,8 @@ from torch import nn
 
 import unitscale.functional as U
 from unitscale import precision, rules
+from unitscale import standard as _standard
 from unitscale.formats import FORMATS, Format, quantise, quantise_int
-from unitscale.models import _standard
 from unitscale.precision.backend import EXACT
 
 # -- the probability scale c: P·c enters the PV matmul --------------------------------------------------

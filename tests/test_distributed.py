@@ -101,18 +101,26 @@ def test_checkpoint_resumes_across_world_sizes(tmp_path, text, single, first, se
 
 
 def test_grad_correction_rule() -> None:
-    """Unit-scaled weight gradients ∝ b^-½: averaging W ranks of b/W rows needs × W^½ (standard: × 1)."""
+    """Unit-scaled: the global row count is set on the model (the rule then gives the single-process
+    factor) and the rank average becomes a sum (× W); standard: × 1, nothing set."""
     from unitscale.models import build
 
     unit = build("gpt", vocab_size=8, scaling="unit", d_model=8, n_heads=1, seq_len=4, n_layers=1)
     standard = build("gpt", vocab_size=8, scaling="standard", d_model=8, n_heads=1, seq_len=4, n_layers=1)
-    assert grad_correction(unit, Dist("ddp", 0, 4)) == pytest.approx(2.0)
-    assert grad_correction(standard, Dist("ddp", 0, 4)) == 1.0
-    assert grad_correction(unit, Dist()) == 1.0
+    assert grad_correction(unit, Dist("ddp", 0, 4), rows=64) == 4.0
+    assert {m.grad_rows for m in unit.modules() if hasattr(m, "grad_rows")} == {64.0}
+    assert grad_correction(standard, Dist("ddp", 0, 4), rows=64) == 1.0
+    assert not any(hasattr(m, "grad_rows") for m in standard.modules())
+    fresh = build("gpt", vocab_size=8, scaling="unit", d_model=8, n_heads=1, seq_len=4, n_layers=1)
+    assert grad_correction(fresh, Dist(), rows=64) == 1.0
+    assert {m.grad_rows for m in fresh.modules() if hasattr(m, "grad_rows")} == {None}
+    with pytest.raises(ValueError, match="global row count"):
+        grad_correction(fresh, Dist("ddp", 0, 2))
 
 
 def test_grad_correction_reproduces_the_global_gradient() -> None:
-    """Average of per-shard unit-scaled gradients × W^½ equals the full-batch gradient (float64)."""
+    """Average of per-shard unit-scaled gradients, with the global row count set, × W equals the full-batch
+    gradient (float64)."""
     from unitscale.models import build
 
     torch.manual_seed(0)
@@ -120,13 +128,13 @@ def test_grad_correction_reproduces_the_global_gradient() -> None:
     idx = torch.randint(0, 11, (4, 8))
     model(idx, idx)[1].backward()
     full = {n: p.grad.clone() for n, p in model.named_parameters()}
+    factor = grad_correction(model, Dist("ddp", 0, 2), rows=idx.numel())
     shards = []
     for rank in range(2):
         model.zero_grad()
         part = shard(idx, Dist("ddp", rank, 2))
         model(part, part)[1].backward()
         shards.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    factor = grad_correction(model, Dist("ddp", 0, 2))
     for name, g in full.items():
         averaged = (shards[0][name] + shards[1][name]) / 2
         torch.testing.assert_close(averaged * factor, g, rtol=1e-10, atol=1e-12)

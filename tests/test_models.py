@@ -83,3 +83,35 @@ def test_unit_optim_groups_divide_vector_lr_by_sqrt_dim() -> None:
     assert groups[0]["lr"] == 0.1 and groups[1]["lr"] == pytest.approx(0.1 / math.sqrt(32))
     n = sum(p.numel() for g in groups for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())
+
+
+def test_presets_fix_their_family() -> None:
+    """A preset names a family: "gpt" cannot be built as an RNN, and the preset table is read-only."""
+    from unitscale.models import PRESETS
+
+    with pytest.raises(ValueError, match="model 'gpt' has mixer 'attention'; mixer='rnn' is another"):
+        build("gpt", vocab_size=10, mixer="rnn")
+    assert build("conv", vocab_size=10, mixer="conv", **SMALL).cfg.mixer == "conv"
+    with pytest.raises(TypeError):
+        PRESETS["gpt"]["mixer"] = "rnn"  # type: ignore[index]
+    assert {name: PRESETS[name]["mixer"] for name in MODEL_NAMES} == {
+        "gpt": "attention", "gpt-post": "attention", "gpt-nonorm": "attention", "conv": "conv", "rnn": "rnn"}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_models_hold_no_scale_rule_or_backend_call(name: str) -> None:
+    """The char-LM file composes blocks only: its unit model's modules come from unitscale.nn (or are
+    containers defined in the model file), never a hand-written scale."""
+    from pathlib import Path
+
+    import unitscale.models as models
+
+    for path in sorted(Path(models.__file__).parent.glob("*.py")):  # every model file, not only charlm
+        source = path.read_text(encoding="utf-8")
+        for forbidden in ("_rule(", "EXACT", ".resolve(", "precision.", ".matmul(", "rules."):
+            assert forbidden not in source, (path.name, forbidden)
+    model = build(name, vocab_size=10, **SMALL)
+    for path, module in model.named_modules():
+        origin = type(module).__module__
+        allowed = origin in ("unitscale.nn", "unitscale.models.charlm") or origin.startswith("torch.")
+        assert allowed, (path, origin)

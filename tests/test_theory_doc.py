@@ -99,3 +99,15 @@ def test_theory_links_resolve(doc):
     links = re.findall(pattern, text)
     assert links, f"{doc.name} has no link to docs/theory.md sections"
     assert all(a in anchors for a in links if a), [a for a in links if a and a not in anchors]
+
+
+def test_no_source_cites_reference():
+    """The sources cite docs/theory.md, never a document outside the repository ("REFERENCE §…")."""
+    pattern = re.compile(r"REFERENCE(?:\.md|\s*§)")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sorted((ROOT / "src").rglob("*.py"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []

@@ -1,4 +1,5 @@
-"""Number formats: the registry, quantisation, range statistics and signal-to-noise (REFERENCE §3).
+"""Number formats: the registry, quantisation, range statistics and signal-to-noise (docs/theory.md,
+Number formats).
 
 A float format with E exponent bits, M mantissa bits and bias b represents
 

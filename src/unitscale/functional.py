@@ -1,4 +1,5 @@
-"""Unit-scaled functional ops (REFERENCE §2): the plain torch op plus the factors of ``unitscale.rules``.
+"""Unit-scaled functional ops: the plain torch op plus the factors of ``unitscale.rules`` (docs/theory.md,
+Ops).
 
 Each op computes y = alpha·f(x) going forward and delivers beta_i·∂f/∂x_i to input i going back, with
 (alpha, betas) taken from its rule and resolved by ``constraint`` (``"gmean"`` default, ``"to_output"``,
@@ -10,8 +11,9 @@ precision backend can cast its inputs; the scales are folded into the GEMMs ther
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +21,13 @@ from torch import Tensor
 
 from unitscale import rules
 from unitscale.precision.backend import EXACT
+from unitscale.precision.protocol import Backend
 from unitscale.scale import Constraint, check_constraint, scaled
 
 __all__ = [
     "add",
     "batch_norm",
+    "causal_conv1d",
     "conv",
     "cross_entropy",
     "dropout",
@@ -50,13 +54,15 @@ __all__ = [
 ]
 
 
+Reduction = Literal["mean", "sum", "none"]
+GeluApproximate = Literal["none", "tanh"]
+
+
 def _rows(input: Tensor, width: int, grad_rows: float | None) -> float:
     """Rows summed into a weight gradient: numel/width, or the caller's static ``grad_rows``."""
     if grad_rows is None:
         return max(input.numel() // max(width, 1), 1)
-    if isinstance(grad_rows, bool) or not isinstance(grad_rows, (int, float)) or not grad_rows > 0:
-        raise ValueError(f"grad_rows must be a positive number, got {grad_rows!r}")
-    return float(grad_rows)
+    return rules.check_grad_rows(grad_rows)  # type: ignore[return-value]
 
 
 # -- matmuls -------------------------------------------------------------------------------------------
@@ -87,7 +93,9 @@ def matmul_scales(
     return alpha, betas["left"], betas["right"]
 
 
-def matmul(left: Tensor, right: Tensor, *, constraint: Constraint = "gmean", precision: Any = None) -> Tensor:
+def matmul(
+    left: Tensor, right: Tensor, *, constraint: Constraint = "gmean", precision: Backend | None = None
+) -> Tensor:
     """Scaled matmul of two activations, left (…, b, m) @ right (…, m, n), scales from
     :func:`matmul_scales`: alpha = m^-½; beta_left = n^-½; beta_right = b^-½, where b (n) counts every term
     summed into one element of ∂right (∂left), broadcast batch dims included. gmean: (b·m·n)^-⅙.
@@ -103,7 +111,7 @@ def linear(
     *,
     constraint: Constraint = "gmean",
     grad_rows: float | None = None,
-    precision: Any = None,
+    precision: Backend | None = None,
     fan_out: int | None = None,
 ) -> Tensor:
     """Scaled alpha·x Wᵀ + c, weight (out, in) as in torch (the bias is added after the scale).
@@ -123,7 +131,7 @@ def linear_readout(
     bias: Tensor | None = None,
     *,
     grad_rows: float | None = None,
-    precision: Any = None,
+    precision: Backend | None = None,
     fan_out: int | None = None,
 ) -> Tensor:
     """alpha·x Wᵀ + c after the last residual block (all edges cut): alpha = in^-½, beta_input = out^-½,
@@ -142,10 +150,27 @@ def _linear(input, weight, bias, rule, constraint, grad_rows, precision, fan_out
             f"linear: bias shape {tuple(bias.shape)} does not match out_features={weight.shape[0]}"
         )
     out_f, in_f = weight.shape
-    alpha, betas = rule(in_f, fan_out or out_f, _rows(input, in_f, grad_rows)).resolve(constraint)
+    alpha, betas = _linear_scales(rule, in_f, fan_out or out_f, _rows(input, in_f, grad_rows), constraint)
     return (precision or EXACT).linear(
         input, weight, bias, alpha=alpha, beta_x=betas["input"], beta_w=betas["weight"], beta_b=betas["bias"]
     )
+
+
+def _linear_scales(
+    rule: Callable[..., rules.OpScales], fan_in: int, fan_out: int, rows: float, constraint: Constraint
+) -> tuple[float, dict[str, float]]:
+    """A linear's resolved factors, once per (rule, shapes, rows, constraint) in eager mode: a module's
+    scales are built and validated when its shapes change, not on every call (torch.compile folds them
+    at trace time anyway). Callers must not mutate the dict."""
+    if torch.compiler.is_compiling():
+        return rule(fan_in, fan_out, rows).resolve(constraint)
+    return _cached_scales(rule, fan_in, fan_out, rows, constraint)
+
+
+@lru_cache(maxsize=4096)
+def _cached_scales(rule: Callable[..., rules.OpScales], *args: Any) -> tuple[float, dict[str, float]]:
+    *sizes, constraint = args
+    return rule(*sizes).resolve(constraint)
 
 
 # -- embedding and norms -------------------------------------------------------------------------------
@@ -221,7 +246,11 @@ def relu(input: Tensor, *, constraint: Constraint = "gmean", mult: float = 1.0) 
 
 
 def gelu(
-    input: Tensor, *, constraint: Constraint = "gmean", mult: float = 1.0, approximate: str = "none"
+    input: Tensor,
+    *,
+    constraint: Constraint = "gmean",
+    mult: float = 1.0,
+    approximate: GeluApproximate = "none",
 ) -> Tensor:
     """gelu(mult·x)/mult: alpha = 1.701, beta = 1.481 (derived; tanh form equal to 3 decimals);
     constrained (gmean 1.587)."""
@@ -297,7 +326,7 @@ def cross_entropy(
     target: Tensor,
     *,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     grad_rows: float | None = None,
 ) -> Tensor:
     """Fused log-softmax + NLL over the last dim of N-D logits (target: the leading dims).
@@ -412,10 +441,11 @@ def residual_add(skip: Tensor, branch: Tensor, tau: float = 0.5) -> Tensor:
     return _ResidualAdd.apply(skip, branch, r.betas["skip"], r.betas["branch"])
 
 
-RESIDUAL_RULES = ("fixed", "running_mean", "ratio")
+ResidualRule = Literal["fixed", "running_mean", "ratio"]
+RESIDUAL_RULES: tuple[str, ...] = get_args(ResidualRule)
 
 
-def residual_tau(index: int, rule: str = "fixed", tau: float = 0.5, offset: int = 1) -> float:
+def residual_tau(index: int, rule: ResidualRule = "fixed", tau: float = 0.5, offset: int = 1) -> float:
     """τ of residual block ``index`` (0-based).
 
     ``"fixed"``: ``tau`` in (0, 1). ``"running_mean"``: τ_l = 1/(l + offset) (offset 1: τ_0 = 1, the first
@@ -574,6 +604,66 @@ def conv(
         return y
     shape = (1, -1) + (1,) * nd if input.dim() == nd + 2 else (-1,) + (1,) * nd
     return y + scaled(bias, 1.0, betas["bias"]).reshape(shape)
+
+
+def causal_conv_shapes(input_channels: int, weight_shape: Sequence[int]) -> tuple[int, int, int, int]:
+    """(groups G, kernel k, C_in/G, C_out/G) of a causal conv weight (G, k·C_in/G, C_out/G); ValueError if
+    the weight does not fit ``input_channels``."""
+    if (
+        len(weight_shape) != 3
+        or input_channels % weight_shape[0]
+        or weight_shape[1] % (input_channels // weight_shape[0])
+    ):
+        raise ValueError(
+            f"causal_conv1d: weight {tuple(weight_shape)} does not fit {input_channels} input channels "
+            "(expected (groups, kernel·C_in/groups, C_out/groups))"
+        )
+    g = weight_shape[0]
+    return g, weight_shape[1] // (input_channels // g), input_channels // g, weight_shape[2]
+
+
+def causal_conv1d(
+    input: Tensor,
+    weight: Tensor,
+    *,
+    constraint: Constraint = "gmean",
+    grad_rows: float | None = None,
+    precision: Backend | None = None,
+) -> Tensor:
+    """Causal grouped 1-D convolution of ``input`` (batch, t, C_in) with kernel k: output position t sees
+    inputs t−k+1 … t. ``weight`` (G, k·C_in/G, C_out/G) is one matmul weight per group over the unfolded
+    windows (rows: tap j, group channel i at j·C_in/G + i), so each group is the matmul
+    (b·t × k·C_in/G) @ (k·C_in/G × C_out/G) and backends see an ordinary matmul.
+
+    Scales by ``rules.conv_rule`` (stride 1): alpha = (k·C_in/G)^-½; each input meets k windows and C_out/G
+    outputs, so beta_input = (k·C_out/G)^-½; beta_weight = (b·t)^-½ (or ``grad_rows``). Input constrained
+    (gmean: (k²·C_in·C_out/G²)^-¼); weight cut. See docs/theory.md, Causal convolution.
+    """
+    if input.dim() != 3:
+        raise ValueError(f"causal_conv1d expects input (batch, length, channels), got {tuple(input.shape)}")
+    b, t, c = input.shape
+    g, k, c_in, c_out = causal_conv_shapes(c, weight.shape)
+    alpha, betas = _conv_scales(c_in, c_out, k, _rows(input, c, grad_rows), check_constraint(constraint))
+    windows = F.pad(input, (0, 0, k - 1, 0)).unfold(1, k, 1)  # (b, t, c, k): window ends at position t
+    windows = windows.reshape(b * t, g, c_in, k).permute(1, 0, 3, 2).reshape(g, b * t, k * c_in)
+    y = (precision or EXACT).matmul(
+        windows,
+        weight,
+        alpha=alpha,
+        beta_a=betas["input"],
+        beta_b=betas["weight"],
+        roles=("activation", "weight"),
+    )
+    return y.permute(1, 0, 2).reshape(b, t, g * c_out)
+
+
+def _conv_scales(
+    c_in: int, c_out: int, kernel: int, rows: float, constraint: Constraint
+) -> tuple[float, dict[str, float]]:
+    """Resolved causal-conv factors (``rules.conv_rule``, stride 1), once per shape in eager mode."""
+    if torch.compiler.is_compiling():
+        return rules.conv_rule(c_in, c_out, kernel, 1, rows).resolve(constraint)
+    return _cached_scales(rules.conv_rule, c_in, c_out, kernel, 1, rows, constraint)
 
 
 def _conv_positions(input: Tensor, weight: Tensor, strides: tuple, padding: Any, dilation: Any) -> int:

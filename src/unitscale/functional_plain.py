@@ -169,6 +169,22 @@ def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     return fn(input, weight * rule.resolve(constraint)[0], bias, stride, padding, dilation, groups)
 
 
+def causal_conv1d(
+    input, weight, *, constraint="gmean", grad_rows=None, precision=None, channels=None
+) -> Tensor:
+    """The same map as a causal ``F.conv1d`` over the left-padded input: window row j·C_in/G + i of W[g]
+    (tap j, group channel i) is conv weight[g·C_out/G + o, i, j] = α·W[g, j·C_in/G + i, o], α folded in
+    (it does not depend on the row count). ``channels`` (C_in, a module knows it) keeps the kernel size a
+    Python int where ``input`` is traced."""
+    g, c_out = weight.shape[0], weight.shape[2]
+    c_in = (channels or input.shape[-1]) // g
+    k = weight.shape[1] // c_in
+    alpha = rules.conv_rule(c_in, c_out, k, 1, 1).resolve(constraint)[0]
+    w = weight.reshape(g, k, c_in, c_out).permute(0, 3, 2, 1).reshape(g * c_out, c_in, k)
+    y = F.conv1d(F.pad(input.transpose(1, 2), (k - 1, 0)), w * alpha, groups=g)
+    return y.transpose(1, 2)
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                eps=1e-5, *, grad_rows=None) -> Tensor:  # fmt: skip
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

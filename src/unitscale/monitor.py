@@ -49,6 +49,7 @@ from unitscale.analysis.plot import plot_history
 from unitscale.analysis.stats import tensor_stats, to_host
 from unitscale.formats import Format, get_format
 from unitscale.precision.backend import Exact
+from unitscale.precision.protocol import Backend
 from unitscale.precision.scales import weight_scale
 
 __all__ = ["ComfortRule", "GroupSeries", "ScaleMonitor", "ScaleWarning", "TensorStats", "layer_group",
@@ -66,7 +67,7 @@ class ScaleWarning(UserWarning):
 Observe = Callable[[str, str, Format, Tensor], None]  # (tensor name, role, format, value)
 
 
-def _observed_kind(backend: Any) -> str | None:
+def _observed_kind(backend: Backend | None) -> str | None:
     """"casts" for backends that quantise through cast_forward/cast_backward inside Exact's autograd
     Functions (the simulate backend), "fp8" for the FP8 hardware backend, None for the rest."""
     from unitscale.precision.simulate import Simulate

@@ -2,25 +2,27 @@
 
 Modules that run matmuls hold ``self.precision`` (``None`` = exact), which ``unitscale.precision.apply``
 sets; modules whose weight gradients sum over tokens hold ``self.grad_rows`` (``None`` = numel/width), the
-static row count for the padding alignment of REFERENCE §4.3 (:func:`set_grad_rows` sets it everywhere).
+static row count for the padding alignment (docs/theory.md, Sequence length and padding);
+:func:`set_grad_rows` sets it everywhere.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from unitscale import functional as U
 from unitscale import rules
-from unitscale.scale import Constraint, check_constraint
+from unitscale.precision.protocol import Backend
+from unitscale.scale import Constraint, check_constraint, shared
 
 __all__ = [
     "GELU",
     "MLP",
+    "CausalConv1d",
     "Dropout",
     "Embedding",
     "LayerNorm",
@@ -28,10 +30,12 @@ __all__ = [
     "MultiHeadAttention",
     "RMSNorm",
     "ReLU",
+    "Residual",
     "SiLU",
     "Sigmoid",
     "Softmax",
     "Tanh",
+    "TiedReadout",
     "TransformerLayer",
     "set_grad_rows",
 ]
@@ -56,7 +60,7 @@ class Linear(nn.Module):
         self.constraint, self.readout = check_constraint(constraint), readout
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self.precision: Any = None
+        self.precision: Backend | None = None
         self.grad_rows: float | None = None
         self.fan_out: int | None = None  # sibling linears reading the same input: see functional.linear
         self.reset_parameters()
@@ -103,8 +107,80 @@ class Linear(nn.Module):
         return plain
 
 
+class CausalConv1d(nn.Module):
+    """Causal grouped 1-D convolution over (batch, length, channels) (``functional.causal_conv1d``): output
+    position t sees inputs t−k+1 … t. Weight (groups, k·C/groups, C/groups) ~ N(0, 1), one matmul weight
+    per group, so precision backends see a grouped matmul; ``plain_forward`` is the same map as ``F.conv1d``.
+    """
+
+    matmul_kind = "conv"
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int,
+        groups: int = 1,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        constraint: Constraint = "gmean",
+    ):
+        super().__init__()
+        for name, value in (("channels", channels), ("kernel_size", kernel_size), ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if channels % groups:
+            raise ValueError(f"channels={channels} is not divisible by groups={groups}")
+        self.channels, self.kernel_size, self.groups = channels, kernel_size, groups
+        self.constraint = check_constraint(constraint)
+        c = channels // groups
+        self.weight = nn.Parameter(torch.empty(groups, kernel_size * c, c, device=device, dtype=dtype))
+        self.precision: Backend | None = None
+        self.grad_rows: float | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return U.causal_conv1d(
+            input, self.weight, constraint=self.constraint, grad_rows=self.grad_rows, precision=self.precision
+        )
+
+    def plain_forward(self, input: Tensor) -> Tensor:
+        """The forward in plain torch (a causal ``F.conv1d``, α folded), for ``unitscale.export``."""
+        return U.causal_conv1d.plain(input, self.weight, constraint=self.constraint, channels=self.channels)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, kernel_size={self.kernel_size}, groups={self.groups}"
+
+
+class TiedReadout(nn.Module):
+    """Readout whose weight is an embedding table passed at call time (stored once, by the embedding):
+    ``functional.linear_readout`` on the table with its gradient scaled by uses^-½ (``scale.shared``: the
+    table's gradient sums ``uses`` unit-scaled contributions). The embedding must be built with the same
+    ``uses``."""
+
+    matmul_kind = "linear"
+
+    def __init__(self, uses: int = 2):
+        super().__init__()
+        self.uses = uses
+        self.precision: Backend | None = None
+        self.grad_rows: float | None = None
+
+    def forward(self, input: Tensor, table: Tensor) -> Tensor:
+        return U.linear_readout(
+            input, shared(table, self.uses), grad_rows=self.grad_rows, precision=self.precision
+        )
+
+    def plain_forward(self, input: Tensor, table: Tensor) -> Tensor:
+        return U.linear_readout.plain(input, table)
+
+
 class Embedding(nn.Module):
-    """Unit-initialised lookup table; weight gradient × (V/b)^½."""
+    """Unit-initialised lookup table; weight gradient × (V/b)^½, and × uses^-½ when the table is also
+    used elsewhere (a tied readout: see :class:`TiedReadout`)."""
 
     def __init__(
         self,
@@ -113,8 +189,13 @@ class Embedding(nn.Module):
         padding_idx: int | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        *,
+        uses: int = 1,
     ):
         super().__init__()
+        if isinstance(uses, bool) or not isinstance(uses, int) or uses < 1:
+            raise ValueError(f"uses must be a positive integer (1, or 2 for a tied readout), got {uses!r}")
+        self.uses = uses
         if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
             raise ValueError(f"padding_idx={padding_idx} out of range for num_embeddings={num_embeddings}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
@@ -130,7 +211,8 @@ class Embedding(nn.Module):
                 self.weight[self.padding_idx].zero_()
 
     def forward(self, input: Tensor) -> Tensor:
-        return U.embedding(input, self.weight, grad_rows=self.grad_rows, padding_idx=self.padding_idx)
+        table = shared(self.weight, self.uses) if self.uses > 1 else self.weight
+        return U.embedding(input, table, grad_rows=self.grad_rows, padding_idx=self.padding_idx)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"
@@ -260,7 +342,9 @@ class Sigmoid(_Activation):
 class GELU(_Activation):
     """Unit-scaled gelu (alpha 1.701, beta 1.481), erf or tanh form."""
 
-    def __init__(self, approximate: str = "none", *, mult: float = 1.0, constraint: Constraint = "gmean"):
+    def __init__(
+        self, approximate: U.GeluApproximate = "none", *, mult: float = 1.0, constraint: Constraint = "gmean"
+    ):
         super().__init__(mult=mult, constraint=constraint)
         if approximate not in ("none", "tanh"):
             raise ValueError(f"unknown gelu approximate={approximate!r}; accepted: 'none', 'tanh'")
@@ -302,6 +386,7 @@ class Dropout(nn.Module):
         return U.dropout.plain(input, self.p, self.training)
 
 
+ActivationName = Literal["relu", "gelu", "silu", "tanh", "sigmoid"]
 _ACTIVATIONS = {"relu": ReLU, "gelu": GELU, "silu": SiLU, "tanh": Tanh, "sigmoid": Sigmoid}
 
 
@@ -318,7 +403,7 @@ class MLP(nn.Module):
         self,
         d_model: int,
         hidden: int | None = None,
-        activation: str = "gelu",
+        activation: ActivationName = "gelu",
         dropout: float = 0.0,
         bias: bool = True,
     ):
@@ -360,7 +445,7 @@ class MultiHeadAttention(nn.Module):
         )
         self.qkv = Linear(embed_dim, 3 * embed_dim, bias)
         self.out = Linear(embed_dim, embed_dim, bias)
-        self.precision: Any = None
+        self.precision: Backend | None = None
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
@@ -382,6 +467,40 @@ class MultiHeadAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
+NormPosition = Literal["pre", "post"]
+
+
+class Residual(nn.Module):
+    """τ-weighted residual block around ``body`` (``functional.residual_split``/``residual_add``):
+
+    pre:   x + f  →  √(1−τ)·x + √τ·body(norm(x))        post:  norm(√(1−τ)·x + √τ·body(x))
+    ``norm`` None: no norm. The split scales the skip gradient by √(1−τ) and the branch's by √τ.
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        tau: float,
+        norm: nn.Module | None = None,
+        *,
+        norm_position: NormPosition = "pre",
+    ):
+        super().__init__()
+        if norm_position not in ("pre", "post"):
+            raise ValueError(f"unknown norm_position {norm_position!r}; accepted: 'pre', 'post'")
+        self.body, self.tau, self.norm_position = body, rules.check_tau(tau, allow_one=True), norm_position
+        self.norm = norm if norm is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        skip, branch = U.residual_split(x, self.tau)
+        if self.norm_position == "pre":
+            return U.residual_add(skip, self.body(self.norm(branch)), self.tau)
+        return self.norm(U.residual_add(skip, self.body(branch), self.tau))
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau:g}, norm_position={self.norm_position!r}"
+
+
 class TransformerLayer(nn.Module):
     """Unit-scaled twin of ``torch.nn.TransformerEncoderLayer`` (batch first) with τ-weighted residuals:
 
@@ -396,7 +515,7 @@ class TransformerLayer(nn.Module):
         nhead: int,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
-        activation: str = "gelu",
+        activation: ActivationName = "gelu",
         norm_first: bool = True,
         *,
         tau_attn: float = 0.01,
@@ -428,13 +547,7 @@ class TransformerLayer(nn.Module):
 def set_grad_rows(module: nn.Module, grad_rows: float | None) -> int:
     """Set ``grad_rows`` (batch × mean non-padding tokens; None = numel/width) on every submodule that has
     it; returns how many were set."""
-    if grad_rows is not None and (
-        isinstance(grad_rows, bool)
-        or not isinstance(grad_rows, (int, float))
-        or not grad_rows > 0
-        or not math.isfinite(grad_rows)
-    ):
-        raise ValueError(f"grad_rows must be a positive number or None, got {grad_rows!r}")
+    grad_rows = rules.check_grad_rows(grad_rows)
     count = 0
     for m in module.modules():
         if hasattr(m, "grad_rows"):

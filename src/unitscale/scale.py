@@ -2,9 +2,9 @@
 
 ``scaled(x, fwd, bwd)`` is the identity times ``fwd`` going forward and the incoming gradient times
 ``bwd`` going back. A scaled op is the plain op with ``scaled(., 1, beta_i)`` on each input and
-``scaled(., alpha, 1)`` on its output (REFERENCE §1.2). Constraint resolvers turn an op's ideal
+``scaled(., alpha, 1)`` on its output (docs/theory.md, Scaled ops). Constraint resolvers turn an op's ideal
 (alpha, betas) into the factors to use when some inputs arrive over non-cut edges, where alpha must equal
-beta (REFERENCE §1.3).
+beta (docs/theory.md, Cut edges and constraints).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def shared(param: Tensor, uses: int) -> Tensor:
     """A parameter used by ``uses`` ops (e.g. a tied embedding/readout table), seen by one of them.
 
     Its gradient is the sum of one unit-scaled contribution per use, so σ grows as √uses; each use
-    scales its contribution by uses^-½ (REFERENCE §2, shared parameters). Weight edges are cut, so this
+    scales its contribution by uses^-½ (docs/theory.md, Shared parameters). Weight edges are cut, so this
     choice never breaks a constraint.
     """
     if isinstance(uses, bool) or not isinstance(uses, int) or uses < 1:

@@ -1,4 +1,5 @@
-"""``unitscale formats``: the table of number formats (REFERENCE §3.1), derived from (E, M, bias)."""
+"""``unitscale formats``: the table of number formats, derived from (E, M, bias) (docs/theory.md, Format
+table)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``unitscale snr``: quantisation signal-to-noise of every format (REFERENCE §3.2, US-paper Fig. 2).
+"""``unitscale snr``: quantisation signal-to-noise of every format (US-paper Fig. 2; docs/theory.md,
+Signal-to-noise).
 
 Prints SNR = E[x²]/E[(x - Q(x))²] for x ~ N(0, σ²) at one σ; ``--plot`` draws SNR against log2 σ (why unit
 scale sits on every float format's plateau) and the bulk SNR with Kσ outliers (why FP8 tolerates outliers

@@ -5,31 +5,36 @@
 mixer = "attention" (decoder-only transformer, causal), "conv" (causal 1-D grouped convolution, kernel 7,
 groups 8) or "rnn" (a recurrent highway cell, coupled carry gate, gate bias −1). ``scaling="standard"`` is
 ordinary PyTorch (torch.nn modules, N(0, 0.02) init, plain residual adds, mean cross-entropy);
-``scaling="unit"`` uses unitscale ops (unit init, scaled ops, weighted residuals with τ). The same code path
-serves both: only the ops differ, so the two models are twins.
+``scaling="unit"`` uses ``unitscale.nn`` blocks (unit init, scaled ops, weighted residuals with τ). This file
+only composes blocks: the unit ones come from ``unitscale.nn``/``unitscale.functional``, the standard ones
+from their plain-torch twins in ``unitscale.standard`` (same names and signatures), so the two models are
+twins with the same parameter names.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import unitscale.functional as U
 import unitscale.nn as unn
-from unitscale.models import _standard as S
-from unitscale.precision.backend import EXACT
-from unitscale.rules import linear_rule
-from unitscale.scale import shared
+from unitscale import standard as S
+from unitscale.rules import check_tau
 
-MIXERS = ("attention", "conv", "rnn")
-SCALINGS = ("unit", "standard")
-NORMS = ("pre", "post", "none")
-RESIDUALS = ("fixed", "running_mean")
-ACTIVATIONS = ("relu", "gelu")
+Mixer = Literal["attention", "conv", "rnn"]
+Scaling = Literal["unit", "standard"]
+Norm = Literal["pre", "post", "none"]
+ResidualRule = Literal["fixed", "running_mean"]
+Activation = Literal["relu", "gelu"]
+MIXERS: tuple[str, ...] = get_args(Mixer)
+SCALINGS: tuple[str, ...] = get_args(Scaling)
+NORMS: tuple[str, ...] = get_args(Norm)
+RESIDUALS: tuple[str, ...] = get_args(ResidualRule)
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 
 
 def _check(name: str, value: object, accepted: tuple) -> None:
@@ -43,16 +48,16 @@ class CharLMConfig:
 
     vocab_size: int = 256
     seq_len: int = 256
-    mixer: str = "attention"
-    scaling: str = "unit"
+    mixer: Mixer = "attention"
+    scaling: Scaling = "unit"
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 2
     ffn_mult: int = 4
-    activation: str = "relu"
-    norm: str = "pre"
-    residual: str = "fixed"  # unit only; standard models use plain adds
-    tau_attn: float = 0.01  # fixed τ of sequence-mixing blocks (REFERENCE §2: ≈0.01 for attention)
+    activation: Activation = "relu"
+    norm: Norm = "pre"
+    residual: ResidualRule = "fixed"  # unit only; standard models use plain adds
+    tau_attn: float = 0.01  # fixed τ of sequence mixers, ≈0.01 for attention (docs/theory.md, Residuals)
     tau_mlp: float = 0.5  # fixed τ of FFN blocks
     conv_kernel: int = 7
     conv_groups: int = 8
@@ -75,102 +80,29 @@ class CharLMConfig:
         if self.mixer == "conv" and self.d_model % self.conv_groups:
             raise ValueError(f"d_model={self.d_model} is not divisible by conv_groups={self.conv_groups}")
         for name in ("tau_attn", "tau_mlp"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name} must lie in (0, 1), got {getattr(self, name)!r}")
+            check_tau(getattr(self, name), name=name)
 
     @property
     def unit(self) -> bool:
         return self.scaling == "unit"
 
 
-def _linear(cfg: CharLMConfig, fan_in: int, fan_out: int, *, readout: bool = False) -> nn.Module:
-    if cfg.unit:
-        return unn.Linear(fan_in, fan_out, bias=False, readout=readout)
-    return nn.Linear(fan_in, fan_out, bias=False)
-
-
-def _norm(cfg: CharLMConfig) -> nn.Module:
-    return unn.LayerNorm(cfg.d_model) if cfg.unit else nn.LayerNorm(cfg.d_model)
-
-
-class Attention(nn.Module):
-    """Causal multi-head self-attention; its two attention matmuls run through ``self.precision``."""
-
-    matmul_kind = "attention"
-
-    def __init__(self, cfg: CharLMConfig) -> None:
-        super().__init__()
-        self.cfg, self.precision = cfg, None
-        self.qkv = _linear(cfg, cfg.d_model, 3 * cfg.d_model)
-        self.out = _linear(cfg, cfg.d_model, cfg.d_model)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        h = self.cfg.n_heads
-        q, k, v = self.qkv(x).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
-        sdpa = U.scaled_dot_product_attention if self.cfg.unit else S.scaled_dot_product_attention
-        y = sdpa(q, k, v, is_causal=True, precision=self.precision)
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
-
-
-class CausalConv(nn.Module):
-    """Causal grouped 1-D convolution written as a grouped matmul over unfolded windows.
-
-    Each group is a matmul (b × k·C/G) @ (k·C/G × C/G) with b = batch·length, so the unit scale rule is the
-    linear rule with fan_in = k·C/G and fan_out = C/G, and the backends see an ordinary matmul.
-    """
-
-    matmul_kind = "conv"
-
-    def __init__(self, cfg: CharLMConfig) -> None:
-        super().__init__()
-        self.cfg, self.precision = cfg, None
-        g, c, k = cfg.conv_groups, cfg.d_model, cfg.conv_kernel
-        self.weight = nn.Parameter(torch.empty(g, k * c // g, c // g))
-        std = 1.0 if cfg.unit else cfg.init_std
-        nn.init.normal_(self.weight, std=std)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, c = x.shape
-        g, k = self.cfg.conv_groups, self.cfg.conv_kernel
-        windows = F.pad(x, (0, 0, k - 1, 0)).unfold(1, k, 1)  # (b, t, c, k): window ends at position t
-        windows = windows.reshape(b * t, g, c // g, k).permute(1, 0, 3, 2).reshape(g, b * t, k * c // g)
-        backend = self.precision or EXACT
-        if self.cfg.unit:
-            alpha, betas = linear_rule(fan_in=k * c // g, fan_out=c // g, rows=b * t).resolve()
-            y = backend.matmul(
-                windows,
-                self.weight,
-                alpha=alpha,
-                beta_a=betas["input"],
-                beta_b=betas["weight"],
-                roles=("activation", "weight"),
-            )
-        else:
-            y = backend.matmul(windows, self.weight, roles=("activation", "weight"))
-        return y.permute(1, 0, 2).reshape(b, t, c)
-
-    def plain_forward(self, x: Tensor) -> Tensor:
-        """The same map as a causal ``F.conv1d`` (inference, for ``unitscale.export``): window element (tap
-        j, group channel i) of group g is row j·C/G + i of W[g], so conv weight[g·C/G + o, i, j] =
-        α·W[g, j·C/G + i, o], α the matmul's (1 for the standard model)."""
-        g, c, k = self.cfg.conv_groups, self.cfg.d_model, self.cfg.conv_kernel
-        alpha = linear_rule(fan_in=k * c // g, fan_out=c // g, rows=1).resolve()[0] if self.cfg.unit else 1.0
-        weight = self.weight.detach().reshape(g, k, c // g, c // g).permute(0, 3, 2, 1).reshape(c, c // g, k)
-        y = F.conv1d(F.pad(x.transpose(1, 2), (k - 1, 0)), weight * alpha, groups=g)
-        return y.transpose(1, 2)
+def _twins(cfg: CharLMConfig) -> tuple[Any, Any]:
+    """(blocks, ops) of the twin: ``unitscale.nn``/``unitscale.functional`` or their standard twins."""
+    return (unn, U) if cfg.unit else (S, S)
 
 
 class HighwayRNN(nn.Module):
     """Recurrent highway layer (one micro-step, coupled carry): s_t = (1−g)⊙s_{t−1} + g⊙tanh(a),
-    g = σ(z + gate_bias), [a, z] = W x_t ⊕ R s_{t−1}. Unit scaling: W and R are unit-scaled linears and the
-    two pre-activations meet in a scaled add; tanh and the gate stay plain (a gate must stay in [0, 1])."""
+    g = σ(z + gate_bias), [a, z] = W x_t ⊕ R s_{t−1}. The two pre-activations meet in the twin's add (unit:
+    scaled add); tanh and the gate stay plain (a gate must stay in [0, 1])."""
 
     def __init__(self, cfg: CharLMConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.inp = _linear(cfg, cfg.d_model, 2 * cfg.d_model)
-        self.rec = _linear(cfg, cfg.d_model, 2 * cfg.d_model)
+        blocks, self.ops = _twins(cfg)
+        self.gate_bias = cfg.rnn_gate_bias
+        self.inp = blocks.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.rec = blocks.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
@@ -178,64 +110,20 @@ class HighwayRNN(nn.Module):
         s = x.new_zeros(b, d)
         outs = []
         for i in range(t):
-            pre = U.add(wx[:, i], self.rec(s)) if self.cfg.unit else wx[:, i] + self.rec(s)
-            a, z = pre.chunk(2, dim=-1)
-            gate = torch.sigmoid(z + self.cfg.rnn_gate_bias)
+            a, z = self.ops.add(wx[:, i], self.rec(s)).chunk(2, dim=-1)
+            gate = torch.sigmoid(z + self.gate_bias)
             s = s + gate * (torch.tanh(a) - s)
             outs.append(s)
         return torch.stack(outs, dim=1)
 
 
-class FFN(nn.Module):
-    def __init__(self, cfg: CharLMConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.up = _linear(cfg, cfg.d_model, cfg.ffn_mult * cfg.d_model)
-        self.down = _linear(cfg, cfg.ffn_mult * cfg.d_model, cfg.d_model)
-
-    def forward(self, x: Tensor) -> Tensor:
-        act = getattr(U if self.cfg.unit else F, self.cfg.activation)
-        return self.down(act(self.up(x)))
-
-
-class TiedReadout(nn.Module):
-    """The readout of a model whose token table doubles as the output projection.
-
-    The table reaches it as an argument, so it is stored once; the matmul runs through ``self.precision``.
-    Unit scaling: the table's gradient sums two unit-scaled uses, each scaled by 2^-½ (``scale.shared``).
-    """
-
-    matmul_kind = "linear"
-
-    def __init__(self, cfg: CharLMConfig) -> None:
-        super().__init__()
-        self.unit, self.precision = cfg.unit, None
-
-    def forward(self, x: Tensor, table: Tensor) -> Tensor:
-        if self.unit:
-            return U.linear_readout(x, shared(table, 2), precision=self.precision)
-        return (self.precision or EXACT).linear(x, table)
-
-
-_MIXER_CLASSES = {"attention": Attention, "conv": CausalConv, "rnn": HighwayRNN}
-
-
-class Residual(nn.Module):
-    """x + f(norm(x)) (standard) or the unit-scaled √(1−τ)·x + √τ·f(norm(x)) with τ split/add."""
-
-    def __init__(self, cfg: CharLMConfig, body: nn.Module, tau: float) -> None:
-        super().__init__()
-        self.cfg, self.body, self.tau = cfg, body, tau
-        self.norm = _norm(cfg) if cfg.norm != "none" else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        pre = self.cfg.norm == "pre"
-        if self.cfg.unit:
-            skip, branch = U.residual_split(x, self.tau)
-            y = U.residual_add(skip, self.body(self.norm(branch) if pre else branch), self.tau)
-        else:
-            y = x + self.body(self.norm(x) if pre else x)
-        return self.norm(y) if self.cfg.norm == "post" else y
+def _mixer(cfg: CharLMConfig) -> nn.Module:
+    blocks, _ = _twins(cfg)
+    if cfg.mixer == "attention":
+        return blocks.MultiHeadAttention(cfg.d_model, cfg.n_heads, bias=False, is_causal=True)
+    if cfg.mixer == "conv":
+        return blocks.CausalConv1d(cfg.d_model, cfg.conv_kernel, cfg.conv_groups)
+    return HighwayRNN(cfg)
 
 
 class CharLM(nn.Module):
@@ -244,30 +132,37 @@ class CharLM(nn.Module):
     def __init__(self, cfg: CharLMConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        embedding = unn.Embedding if cfg.unit else nn.Embedding
-        self.tok = embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = embedding(cfg.seq_len, cfg.d_model) if cfg.mixer == "attention" else None
-        blocks = []
+        blocks, self.ops = _twins(cfg)
+        uses = 2 if cfg.tie_embeddings else 1  # a tied table's gradient sums two uses
+        self.tok = blocks.Embedding(cfg.vocab_size, cfg.d_model, uses=uses)
+        self.pos = blocks.Embedding(cfg.seq_len, cfg.d_model) if cfg.mixer == "attention" else None
+        layers = []
         for layer in range(cfg.n_layers):
-            for j, body in enumerate((_MIXER_CLASSES[cfg.mixer](cfg), FFN(cfg))):
-                blocks.append(Residual(cfg, body, self._tau(2 * layer + j, mixer=j == 0)))
-        self.blocks = nn.ModuleList(blocks)
-        self.norm = _norm(cfg) if cfg.norm == "pre" else nn.Identity()
+            for j, body in enumerate((_mixer(cfg), self._mlp(blocks))):
+                norm = blocks.LayerNorm(cfg.d_model) if cfg.norm != "none" else None
+                tau = self._tau(2 * layer + j, mixer=j == 0)
+                position = "post" if cfg.norm == "post" else "pre"
+                layers.append(blocks.Residual(body, tau, norm, norm_position=position))
+        self.blocks = nn.ModuleList(layers)
+        self.norm = blocks.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
         if cfg.tie_embeddings:
-            self.lm_head: nn.Module = TiedReadout(cfg)
+            self.lm_head: nn.Module = blocks.TiedReadout(uses)
         else:
-            self.lm_head = _linear(cfg, cfg.d_model, cfg.vocab_size, readout=True)
+            self.lm_head = blocks.Linear(cfg.d_model, cfg.vocab_size, bias=False, readout=True)
         if not cfg.unit:
             self._standard_init()
 
+    def _mlp(self, blocks: Any) -> nn.Module:
+        cfg = self.cfg
+        return blocks.MLP(cfg.d_model, cfg.ffn_mult * cfg.d_model, cfg.activation, bias=False)
+
     def _tau(self, index: int, *, mixer: bool) -> float:
-        if not self.cfg.unit:
-            return 0.5  # unused by plain adds
         if self.cfg.residual == "running_mean":
             return U.residual_tau(index, rule="running_mean")
         return self.cfg.tau_attn if mixer else self.cfg.tau_mlp
 
     def _standard_init(self) -> None:
+        """nanoGPT's init: N(0, init_std) matrices, zero biases."""
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 nn.init.normal_(p, std=self.cfg.init_std)
@@ -278,31 +173,23 @@ class CharLM(nn.Module):
         b, t = idx.shape
         if t > self.cfg.seq_len and self.pos is not None:
             raise ValueError(f"sequence length {t} exceeds the model's seq_len={self.cfg.seq_len}")
-        x = self._embed(idx)
+        x = self.tok(idx)
         if self.pos is not None:
             # Look up every (batch, position) so the embedding rule sees all b·t uses of the table.
             pos = self.pos(torch.arange(t, device=idx.device).expand(b, t))
             cut = ("left", "right")  # both tables are added once (cut edges): gradients pass unscaled
-            x = U.weighted_add(x, pos, math.sqrt(0.5), math.sqrt(0.5), cut=cut) if self.cfg.unit else x + pos
+            x = self.ops.weighted_add(x, pos, math.sqrt(0.5), math.sqrt(0.5), cut=cut)
         for block in self.blocks:
             x = block(x)
-        logits = self._readout(self.norm(x))
+        x = self.norm(x)
+        logits = self.lm_head(x, self.tok.weight) if self.cfg.tie_embeddings else self.lm_head(x)
         if targets is None:
             return logits, None
-        ce = U.cross_entropy if self.cfg.unit else F.cross_entropy
-        return logits, ce(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-    def _embed(self, idx: Tensor) -> Tensor:
-        if not self.cfg.tie_embeddings:
-            return self.tok(idx)
-        table = shared(self.tok.weight, 2) if self.cfg.unit else self.tok.weight
-        return U.embedding(idx, table) if self.cfg.unit else F.embedding(idx, table)
-
-    def _readout(self, x: Tensor) -> Tensor:
-        return self.lm_head(x, self.tok.weight) if self.cfg.tie_embeddings else self.lm_head(x)
+        return logits, self.ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     def default_lr(self, optimizer: str) -> float:
-        """Starting LR per optimiser (REFERENCE §4.1 median best LRs: unit AdamW 2⁻⁶, regular 2⁻¹⁰)."""
+        """Starting LR per optimiser: the median best LRs (unit AdamW 2⁻⁶, regular 2⁻¹⁰; docs/theory.md,
+        Learning rates)."""
         table = {
             ("unit", "adam"): 2**-6,
             ("standard", "adam"): 2**-10,

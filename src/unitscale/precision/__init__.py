@@ -14,16 +14,16 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from unitscale.precision.backend import EXACT, Exact
+from unitscale.precision.backend import EXACT, Backend, Exact
 from unitscale.precision.recipe import BACKENDS, RECIPE_NAMES, Recipe, get_recipe
 
 __all__ = [
     "BACKENDS",
+    "Backend",
     "EXACT",
     "RECIPE_NAMES",
     "Exact",
@@ -45,7 +45,7 @@ ModuleFilter = Callable[[nn.Module, str], bool]
 class QuantisedLinear(nn.Linear):
     """An ``nn.Linear`` whose matmul runs through ``self.precision`` (a backend). Same parameters."""
 
-    precision: Any
+    precision: Backend
 
     def forward(self, input: Tensor) -> Tensor:
         return self.precision.linear(input, self.weight, self.bias)
@@ -182,7 +182,7 @@ def _shared_simulate(recipe: Recipe) -> Exact:
     )
 
 
-def backend_for(module: nn.Module, recipe: Recipe, kind: str | None = None) -> Any:
+def backend_for(module: nn.Module, recipe: Recipe, kind: str | None = None) -> Backend | None:
     """The backend object a module should hold under ``recipe`` (shared where stateless)."""
     kind = kind or _kind(module)
     name = _backend_name(recipe, kind)
@@ -200,7 +200,7 @@ def backend_for(module: nn.Module, recipe: Recipe, kind: str | None = None) -> A
     return fp8_backend_for(module, recipe)
 
 
-def _set_backend(module: nn.Module, backend: Any) -> None:
+def _set_backend(module: nn.Module, backend: Backend | None) -> None:
     if "precision" in module._modules:
         del module._modules["precision"]
     if isinstance(backend, nn.Module) and hasattr(module, "weight"):

@@ -13,12 +13,12 @@ points (matmul inputs going forward, the output gradient going back) or the whol
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
-Role = Literal["weight", "activation"]
+from unitscale.precision.protocol import Backend, Role
+
+__all__ = ["EXACT", "Backend", "Exact", "Role"]
 
 
 _WIDE = (torch.float32, torch.float64)

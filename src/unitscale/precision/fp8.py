@@ -2,7 +2,7 @@
 
 For y = α·x Wᵀ + c with x [M, K], W [N, K] and static dequantisation scales s_x, s_w, s_g (powers of two;
 1 for unit-scaled tensors), each tensor is cast once, q(t) = fp8(clamp(t / s, ±max)), into both layouts
-(REFERENCE §7.3) and
+(docs/theory.md, One read per tensor) and
 
     forward  y  = (α·s_x)·s_w · q(x) q(W)ᵀ + c          E4M3 × E4M3, fast accumulation
     dgrad    ∂x = (β_x·s_g)·s_w · q(∂y) q(W)             E5M2 × E4M3, FP32 accumulation
@@ -80,8 +80,8 @@ class Dispatch:
 
     Everything else runs in the compute dtype. M (rows = tokens) is only known per call; the rule reads
     static shapes, so torch.compile specialises on it instead of breaking the graph. The default is
-    REFERENCE §7.3's start rule (every measured H100 win satisfies it, the measured loss does not); refine
-    it per device from ``bench/linear.py``.
+    start rule (docs/theory.md, Dispatch): every measured H100 win satisfies it, the measured loss does not;
+    refine it per device from ``bench/linear.py``.
     """
 
     min_m: int = 8192

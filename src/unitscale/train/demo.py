@@ -1,10 +1,10 @@
 """``unitscale demo``: a standard and a unit-scaled char-LM trained side by side in simulated FP8.
 
 Sized for a 2-core CPU (a few minutes at most): a small pre-norm transformer on the Wikipedia characters.
-Each scaling trains with its own AdamW LR (unit models want a larger one, REFERENCE §4.1; both LRs are
-above the long-run defaults 2⁻¹⁰ / 2⁻⁶ because the run is short; in a trial both did better in FP32) in
-FP8 (E4M3 weights and activations, E5M2 gradients, no loss scale) and, as the yardstick, in FP32. The
-honest claim is relative: the unit model's FP8 run should track its FP32 run, the standard model's
+Each scaling trains with its own AdamW LR (unit models want a larger one: docs/theory.md, Learning rates;
+both LRs are above the long-run defaults 2⁻¹⁰ / 2⁻⁶ because the run is short; in a trial both did better
+in FP32) in FP8 (E4M3 weights and activations, E5M2 gradients, no loss scale) and, as the yardstick, in
+FP32. The honest claim is relative: the unit model's FP8 run should track its FP32 run, the standard model's
 should fall behind its own, because its small weights and gradients land below the FP8 ranges.
 """
 

@@ -6,10 +6,11 @@ matches the single-process run with the same global batch. Checkpoints are conso
 keyed by parameter name, gathered through ``torch.distributed.checkpoint.state_dict``) and written by rank 0,
 so a run resumes on any world size and under any parallel mode.
 
-Unit scaling and data parallelism. A unit-scaled weight gradient over b rows carries b^-½ (not 1/b): a rank
-holding b/W rows returns √W times its share, so the usual gradient average over W ranks gives W^-½ times the
-single-process gradient. ``grad_correction`` restores it (× W^½ after the average; standard models need
-nothing). Static unit scales need no amax all-reduce between ranks: the only collective is the gradient
+Unit scaling and data parallelism. A unit-scaled weight gradient over b rows carries the rule's factor of b
+(b^-½), not 1/b: a rank holding b/W rows would use (b/W)^-½. ``grad_correction`` sets the global row count
+b on the model, so every rank applies the single-process factor, and multiplies the ranks' average by W
+(the gradients are sums over rows; standard models, whose loss is a mean, need nothing). Static unit
+scales need no amax all-reduce between ranks: the only collective is the gradient
 reduction every data-parallel run already has.
 """
 
@@ -101,14 +102,22 @@ def is_unit_scaled(model: nn.Module) -> bool:
     return any(c.__module__ == "unitscale.nn" for m in model.modules() for c in type(m).__mro__)
 
 
-def grad_correction(model: nn.Module, d: Dist) -> float:
-    """Factor for the rank-averaged gradients: W^e for unit-scaled models (e = weight-gradient exponent,
-    ½), 1 for standard ones (see the module docstring)."""
-    from unitscale.rules import WEIGHT_GRAD_EXPONENT
+def grad_correction(model: nn.Module, d: Dist, rows: float | None = None) -> float:
+    """Make a data-parallel unit-scaled model compute the single-process gradient; returns the factor for
+    the rank-averaged gradients.
 
+    Unit-scaled: sets the global gradient-row count ``rows`` (tokens per global batch) on the model
+    (``unitscale.nn.set_grad_rows``), so each rank's weight gradients carry the rule's factor for the whole
+    batch; they are then sums over that rank's rows, and the ranks' average becomes their sum with × W.
+    Standard models (a mean loss) and single-process runs: 1, nothing set."""
     if d.world_size == 1 or not is_unit_scaled(model):
         return 1.0
-    return float(d.world_size) ** WEIGHT_GRAD_EXPONENT
+    if rows is None:
+        raise ValueError("grad_correction: a data-parallel unit-scaled model needs the global row count rows")
+    from unitscale.nn import set_grad_rows
+
+    set_grad_rows(unwrap(model), rows)
+    return float(d.world_size)
 
 
 def shard(batch: Tensor, d: Dist) -> Tensor:

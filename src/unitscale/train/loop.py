@@ -151,7 +151,8 @@ class _Run:
         self.lr = config.lr if config.lr is not None else (
             self.module.default_lr(config.optimizer) if hasattr(self.module, "default_lr") else FALLBACK_LR)
         self.optimizer = make_optimizer(self.module, config, self.lr)
-        self.grad_factor = distributed.grad_correction(self.module, self.dist)
+        rows = config.batch_size * config.seq_len  # tokens per global batch
+        self.grad_factor = distributed.grad_correction(self.module, self.dist, rows)
         self.sampler = BatchSampler(self.corpus.train, config.batch_size, config.seq_len, config.seed)
         self.valid = eval_windows(self.corpus.valid, config.eval_windows, config.seq_len)
         self.test = eval_windows(self.corpus.test, config.eval_windows, config.seq_len)

@@ -11,13 +11,13 @@ model is returned.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from unitscale import rules as scale_rules
 from unitscale.scale import check_constraint
 from unitscale.transforms import _capture
 from unitscale.transforms._check import calibrate_ties, verify
@@ -60,9 +60,7 @@ TAU_RULES = ("match", "running_mean")
 
 
 def _check_tau(name: str, tau: Any) -> float:
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < 1:
-        raise ValueError(f"{name} must lie in (0, 1), got {tau!r}")
-    return float(tau)
+    return scale_rules.check_tau(tau, name=name)
 
 
 def unit_scale(
@@ -136,9 +134,7 @@ def unit_scale(
         if grad_rows is not None:
             raise ValueError("give either grad_rows or attention_mask, not both")
         grad_rows, token_rows = float(attention_mask.sum()), attention_mask.numel()
-    if grad_rows is not None and (isinstance(grad_rows, bool) or not isinstance(grad_rows, (int, float))
-                                  or not math.isfinite(grad_rows) or grad_rows <= 0):  # fmt: skip
-        raise ValueError(f"grad_rows must be a positive number, got {grad_rows!r}")
+    grad_rows = scale_rules.check_grad_rows(grad_rows)
     if example_inputs is None:
         raise ValueError(
             "unit_scale needs example_inputs (one batch, as the model is called): the model is captured "

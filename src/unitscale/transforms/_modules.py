@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from unitscale import functional as U
 from unitscale import rules
+from unitscale.precision.protocol import Backend
 from unitscale.scale import Constraint, scaled
 
 __all__ = [
@@ -59,7 +60,7 @@ def matmul_at(
     *,
     constraint: Constraint = "gmean",
     target: float | None,
-    precision: Any = None,
+    precision: Backend | None = None,
 ) -> Tensor:
     """Unit matmul of two activations, output factor pinned to ``target``."""
     y = U.matmul(left, right, constraint=constraint, precision=precision)
@@ -89,7 +90,7 @@ def attention_at(
     *,
     logit_factor: float = 1.0,
     target: float | None,
-    precision: Any = None,
+    precision: Backend | None = None,
 ) -> Tensor:
     """Unit SDPA on q, k carrying factors c_q, c_k: the logit scale (1/√d or ``scale``) is multiplied by
     ``logit_factor`` = 1/(c_q·c_k), so the logits equal the original's; output factor c_v·``target``.
@@ -113,7 +114,7 @@ class MatmulAt(nn.Module):
     def __init__(self, *, constraint: Constraint = "gmean", target: float | None = None):
         super().__init__()
         self.constraint, self.target = constraint, target
-        self.precision: Any = None
+        self.precision: Backend | None = None
 
     def forward(self, left: Tensor, right: Tensor) -> Tensor:
         p = self.precision
@@ -136,7 +137,7 @@ class AttentionAt(nn.Module):
     def __init__(self, *, logit_factor: float = 1.0, target: float | None = None):
         super().__init__()
         self.logit_factor, self.target = logit_factor, target
-        self.precision: Any = None
+        self.precision: Backend | None = None
 
     def forward(
         self,
@@ -179,7 +180,7 @@ class LinearAt(nn.Module):
         super().__init__()
         self.transposed, self.readout, self.constraint = transposed, readout, constraint
         self.grad_rows, self.fan_out = grad_rows, fan_out
-        self.precision: Any = None
+        self.precision: Backend | None = None
 
     def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         w = weight.t() if self.transposed else weight
@@ -209,7 +210,7 @@ class ConvAt(nn.Module):
         super().__init__()
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.constraint = constraint
-        self.precision: Any = None
+        self.precision: Backend | None = None
 
     def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         args = (self.stride, self.padding, self.dilation, self.groups)

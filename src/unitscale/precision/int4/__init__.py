@@ -1,4 +1,5 @@
-"""INT4 fully quantised training (Xi et al., arXiv 2306.11987; REFERENCE §5) as a matmul backend.
+"""INT4 fully quantised training as a matmul backend (Xi et al., arXiv 2306.11987; docs/theory.md, INT4
+training).
 
 Forward: block Hadamard (g = 32) + LSQ codes in [−8, 7]; backward: forward codes reused, ∇Y bit-split
 into two INT4 digits, optional leverage-score sampling; every GEMM exact on integers (``gemm.py``: float64

@@ -1,4 +1,5 @@
-"""The two backward GEMMs of an INT4 linear (REFERENCE §5.2, eq. 4), exact, with LSS row compaction.
+"""The two backward GEMMs of an INT4 linear (Xi et al. eq. 4; docs/theory.md, Bit splitting), exact, with
+LSS row compaction.
 
 ∇Y ≈ Σ_k σ_k·D_k (bit-split digits D_k, scales σ_k; σ_hi = R·σ_lo), LSS row weights w_k = m/p:
     dgrad  Σ_k σ_k·diag(w_k)·(D_k Ŵ)        wgrad  Σ_k σ_k·(diag(w_k) D_k)ᵀ X̂

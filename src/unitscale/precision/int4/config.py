@@ -10,7 +10,8 @@ from unitscale.precision.int4.quantise import QRANGES
 
 SPLIT_MODES = {
     # name: (radix R, levels T, digit clamp or None)
-    "exact": (14, 98, None),  # library default: digits in [−7, 7], exactly unbiased (REFERENCE §8)
+    # library default: digits in [−7, 7], exactly unbiased (docs/theory.md, Defaults where sources differ)
+    "exact": (14, 98, None),
     "reference": (14, 98, 6),  # INT4-code: both digits clamped to ±6
     "r16": (16, 127, None),  # digits in [−8, 8]: an INT8 SR gradient, exact in E4M3, not 4-bit codes
 }
@@ -24,7 +25,8 @@ def _choice(name: str, value: object, accepted: tuple) -> None:
 
 @dataclass(frozen=True)
 class Int4Config:
-    """How an INT4 linear layer quantises (REFERENCE §5; defaults per §8).
+    """How an INT4 linear layer quantises (docs/theory.md, INT4 training; defaults: docs/theory.md,
+    Defaults where sources differ).
 
     block_size: Hadamard block g (power of two dividing the fan-in); hadamard=False disables the rotation.
     search_block: pick g ∈ {1, 2, …, 1024} per layer on the first call by minimising

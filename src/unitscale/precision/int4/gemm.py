@@ -11,7 +11,8 @@ for codes × codes) whose exact float32 results are summed in float64 (exact bel
 when a backend rounds fp32 operands to bf16/tf32 (integers ≤ 256 are exact there) with fp32 accumulation.
 :func:`reference_gemm` keeps the plain float64 GEMM as the independent reference.
 
-Hopper FP8 carrier (REFERENCE §5.7). H100 has no INT4 tensor cores, but E4M3 represents every integer in
+Hopper FP8 carrier (docs/theory.md, Integer GEMMs in FP8). H100 has no INT4 tensor cores, but E4M3
+represents every integer in
 [−16, 16] exactly (3 mantissa bits cover 0…16 with the exponent doing the rest), so codes and digits cast
 to E4M3 without error; ``torch._scaled_mm(..., use_fast_accum=False)`` accumulates in FP32, exact under the
 chunk rule above. Fast accumulation was measured wrong on Hopper (error 416 at K = 768): never used. The

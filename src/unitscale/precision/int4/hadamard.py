@@ -1,4 +1,5 @@
-"""Block-diagonal Hadamard transform along the last (reduction) dimension (REFERENCE §5.1).
+"""Block-diagonal Hadamard transform along the last (reduction) dimension (docs/theory.md, Hadamard
+quantiser).
 
 H_0 = [1],  H_k = (1/√2)·[[H_{k−1}, H_{k−1}], [H_{k−1}, −H_{k−1}]]  (normalised Sylvester, g = 2^k).
 H_k is symmetric and orthonormal, so H_k⁻¹ = H_kᵀ = H_k and the block transform is its own inverse.

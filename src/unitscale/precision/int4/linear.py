@@ -1,6 +1,6 @@
 """Int4Linear: the per-layer INT4 matmul backend (HQ + LSQ forward, bit split + LSS backward).
 
-Forward (REFERENCE §5.1), X [N, D], W [C, D], H = BlockDiag(H_g):
+Forward (docs/theory.md, Hadamard quantiser), X [N, D], W [C, D], H = BlockDiag(H_g):
     X̂ = int_{s_X}(XH),  Ŵ = int_{s_W}(WH),   Y = alpha · s_X·s_W · (X̂ Ŵᵀ) + bias
 with the integer GEMM exact. Backward (§5.2, eq. 4), ∇Y ≈ Σ_k σ_k·D_k (bit-split digits D_k, scales σ_k):
     ∇X̂deq = beta_x · s_W · Σ_k σ_k·diag(w_k)·(D_k Ŵ)            ∇X = (I_X ⊙ ∇X̂deq)·Hᵀ

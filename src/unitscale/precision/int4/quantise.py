@@ -1,13 +1,14 @@
 """INT4 quantisers: LSQ for forward operands, stochastic rounding and bit splitting for output gradients.
 
-LSQ (REFERENCE §5.1), per tensor, v = x/s:
+LSQ (docs/theory.md, LSQ), per tensor, v = x/s:
     q = round(clamp(v, −Q_N, Q_P)),        dequantised x̂ = s·q
     δ(v) = −Q_N (v < −Q_N),  Q_P (v > Q_P),  round(v) − v otherwise
     ∂L/∂x = 1[−Q_N ≤ v ≤ Q_P] ⊙ ∂L/∂x̂          (straight-through estimator with clip mask)
     ∂L/∂s = g_s · Σ ∂L/∂x̂ ⊙ δ(v),   g_s = 1/√(numel·Q_P)
     first-call init s = 2·mean(|x|)/√Q_P.
 
-Bit splitting (REFERENCE §5.2), M = max|∇Y| (a 0-d device tensor), t = ∇Y·T/M ∈ [−T, T], radix R:
+Bit splitting (docs/theory.md, Bit splitting), M = max|∇Y| (a 0-d device tensor), t = ∇Y·T/M ∈ [−T, T],
+radix R:
     hi = round(t/R),  lo = SR(t − R·hi),  ∇Y ≈ (R·hi + lo)·M/T.
 R·hi is an integer, so R·hi + lo = SR(t) exactly: a two-digit encoding of a (2T+1)-level stochastically
 rounded gradient, unbiased when nothing is clipped. R = 14, T = 98 keeps both digits in [−7, 7]. Without a

@@ -1,4 +1,5 @@
-"""Leverage-score sampling (LSS) of gradient rows for the backward GEMMs (REFERENCE §5.2).
+"""Leverage-score sampling (LSS) of gradient rows for the backward GEMMs (docs/theory.md, Leverage-score
+sampling).
 
 A product A·B = Σ_i a_iᵀ b_i over rows i is estimated by Σ_i (m_i/p_i)·a_iᵀ b_i with m_i ~ Bernoulli(p_i):
 unbiased for any p_i > 0 on rows with non-zero terms. The variance Σ_i (1/p_i − 1)‖a_i‖²‖b_i‖² under

@@ -1,4 +1,5 @@
-"""Fused Triton kernel: block Hadamard + LSQ quantise (+ INT4 pack) in one pass over X (REFERENCE §5.1).
+"""Fused Triton kernel: block Hadamard + LSQ quantise (+ INT4 pack) in one pass over X (docs/theory.md,
+Hadamard quantiser).
 
 One program loads a [BM, G] tile of x (G = the Hadamard block, one block of the reduction dim), computes
 v = (tile·H_G)/s with an IEEE fp32 ``tl.dot`` (no TF32), and writes, without re-reading x:
