@@ -142,7 +142,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("s_w0", torch.ones((), device=device))
         self.register_buffer("block_size", torch.tensor(self.block, device=device))
         self.initialised = False
-        self.calls = 0
+        self.calls = 0  # training calls made during the cold start
+        self.cold = cfg.lsq_cold_start_steps > 0
         self.weight_cache = WeightCache()
         self._generators: dict[str, torch.Generator] = {}
 
@@ -283,11 +284,14 @@ class Int4Linear(nn.Module):
             raise ValueError(
                 f"linear: bias shape {tuple(bias.shape)} does not match {weight.shape[0]} outputs"
             )
-        cold = self.training and self.calls < self.config.lsq_cold_start_steps
+        # A flag, not a comparison with the call counter: torch.compile guards on what the forward reads,
+        # and a counter read on every call would recompile the layer at every step.
+        cold = self.training and self.cold
         if not self.initialised or cold:
             self.reinitialise(x, weight)
-        if self.training:
+        if cold:
             self.calls += 1
+            self.cold = self.calls < self.config.lsq_cold_start_steps
         # s0·exp(θ) > 0 always; the clamp only guards exp underflow of an absurd θ (< −69).
         s_x = self.s_x.clamp_min(_TINY)
         s_w = self.s_w.clamp_min(_TINY)
