@@ -177,7 +177,10 @@ class CharLM(nn.Module):
         if self.pos is not None:
             # Look up every (batch, position) so the embedding rule sees all b·t uses of the table.
             pos = self.pos(torch.arange(t, device=idx.device).expand(b, t))
-            cut = ("left", "right")  # both tables are added once (cut edges): gradients pass unscaled
+            # Both tables are added once (cut edges): their gradients pass unscaled. A tied token table also
+            # feeds the readout, and its two gradient contributions must keep the true gradient's ratio
+            # (docs/theory.md, Shared parameters): its input keeps the true-gradient weight.
+            cut = ("right",) if self.cfg.tie_embeddings else ("left", "right")
             x = self.ops.weighted_add(x, pos, math.sqrt(0.5), math.sqrt(0.5), cut=cut)
         for block in self.blocks:
             x = block(x)
