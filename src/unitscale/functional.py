@@ -507,7 +507,7 @@ def _check_mask(attn_mask: Tensor | None, is_causal: bool) -> None:
         )
 
 
-def _activation_format(precision: Any) -> Any:
+def _activation_format(precision: Backend | None) -> Any:
     """The format a backend casts matmul activations to (``formats["activation"]`` of the simulate and fp8
     backends: a Format or torch dtype), or None when it does not say."""
     formats = getattr(precision, "formats", None)
@@ -523,7 +523,7 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     scale: float | None = None,
     *,
-    precision: Any = None,
+    precision: Backend | None = None,
 ) -> Tensor:
     """softmax(q kᵀ·scale + mask)·v with scale = 1/√d by default (US-2023 rule); masks as torch's SDPA.
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unitscale import rules
+from unitscale.precision.protocol import Backend
 
 
 def _alpha(op: rules.OpScales, constraint: Any) -> rules.Law:
@@ -25,7 +26,9 @@ def _alpha(op: rules.OpScales, constraint: Any) -> rules.Law:
     return op.resolve_laws(constraint)[0]
 
 
-def matmul(left: Tensor, right: Tensor, *, constraint: Any = "gmean", precision: Any = None) -> Tensor:
+def matmul(
+    left: Tensor, right: Tensor, *, constraint: Any = "gmean", precision: Backend | None = None
+) -> Tensor:
     """torch.matmul · α(b, m, n), b (n) = rows of left (columns of right) × how often right (left) is reused
     over the broadcast batch, batch(t) = numel(t)/(t[-2]·t[-1])."""
     y = torch.matmul(left, right)
