@@ -99,12 +99,20 @@ def calibrate_ties(cv: Converter, reference: fx.GraphModule, converted: fx.Graph
         grads = torch.autograd.grad(_probe_loss(list(out)), values, allow_unused=True)
     converted_grads = dict(zip(nodes, grads, strict=True))
     for target, uses in tied.items():
-        kappas = {}
+        pairs = {}
         for (u, v), node in zip(cv.uses[target], uses, strict=True):
-            if node is None:
-                continue
-            a, b = original.get((u.name, v.name)), converted_grads.get(node)
-            if a is None or b is None or not float(a.double().pow(2).sum()) > 0:
+            a, b = original.get((u.name, v.name)), converted_grads.get(node) if node is not None else None
+            if a is not None and b is not None:
+                pairs[node] = (a, b)
+        # A use whose true gradient vanishes (a key bias: softmax ignores a shift shared by every key) has
+        # only rounding noise as its gradient, which fixes no constant: it counts as a use with no gradient.
+        # √eps of the gradients' dtype: far above their rounding noise, far below a real ratio between uses
+        norms = {node: float(a.double().norm()) for node, (a, _) in pairs.items()}
+        eps = max((torch.finfo(a.dtype).eps for a, _ in pairs.values()), default=0.0)
+        floor = max(norms.values(), default=0.0) * eps**0.5
+        kappas = {}
+        for node, (a, b) in pairs.items():
+            if not norms[node] > floor:
                 continue
             a, b = a.double().flatten(), b.double().flatten()
             kappas[node] = float(a @ b / (a @ a))
