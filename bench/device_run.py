@@ -30,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+# every timed phase in --dry: one warm-up, one timed step, two rounds (it only has to run)
+DRY_TIMING = ["--rounds", "2", "--steps", "1", "--warmup", "1"]
 LINEAR_HEADLINE = "16384x4096x4096"
 LINEAR_SHAPES = ("16384x4096x14336", "8192x8192x8192", "4096x2048x2048", "2048x1024x1024")
 MARGIN_S = 5  # left for writing the last JSON and the log before the deadline
@@ -58,12 +60,7 @@ def _linear(shapes: tuple[str, ...]) -> Callable[[argparse.Namespace, Path], lis
                 "64x64x32",
                 "--variants",
                 *variants,
-                "--rounds",
-                "2",
-                "--steps",
-                "1",
-                "--warmup",
-                "1",
+                *DRY_TIMING,
                 "--out",
                 str(out),
             ]
@@ -121,12 +118,7 @@ def _train_step(args: argparse.Namespace, out: Path) -> list[str]:
             "always",
             "--variants",
             *variants,
-            "--rounds",
-            "2",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
+            *DRY_TIMING,
             "--out",
             str(out),
         ]
