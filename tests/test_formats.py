@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import unitscale.formats as formats
 from unitscale.formats import (
     FORMATS,
     Format,
@@ -375,6 +376,33 @@ def test_tf32_vs_numpy_bits(saturate):
     x16 = log_uniform(10_000, -24, 15, seed=7).half()
     assert same(quantise(x16, "tf32"), x16)
     assert same(quantise(x.double(), "tf32", saturate=saturate), torch.from_numpy(ref).double())
+
+
+def test_tf32_in_range_vs_numpy_bits():
+    # every |x| < max: eager CPU rounds by in-place integer passes, not the general path above
+    f = get_format("tf32")
+    x = torch.cat([log_uniform(100_000, -149, 127.9, seed=8), torch.tensor([0.0, -0.0, 2.0**-149])])
+    assert bool(x.abs().max() < f.max)
+    for saturate in (True, False):
+        assert same(quantise(x, "tf32", saturate=saturate), torch.from_numpy(np_round_bits(x.numpy(), 13)))
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("name", ["tf32", "bf16", "fp16", *FP8])
+def test_in_range_path_gives_the_general_paths_bits(name, rounding):
+    """Eager CPU fp32 tensors with every |x| < max take torch's cast or a few in-place integer passes (the
+    format's subnormals redone by index); they must give the general bit path's result, random draw and
+    sign of zero included."""
+    f = get_format(name)
+    lo = math.log2(f.min_subnormal) - 3
+    x = torch.cat([log_uniform(50_000, lo, math.log2(f.max) - 0.01, seed=12), torch.tensor([0.0, -0.0])])
+    assert bool(x.abs().max() < f.max)
+    fast = quantise(x, name, rounding, generator=torch.Generator().manual_seed(5))
+    general = formats._round_bits(x, f, rounding, True, torch.Generator().manual_seed(5))
+    assert same(fast, general)
+    xt = x[:50_000].view(250, 200).t()  # a non-contiguous view takes the same path
+    fast_t = quantise(xt, name, rounding, generator=torch.Generator().manual_seed(6))
+    assert same(fast_t, formats._round_bits(xt, f, rounding, True, torch.Generator().manual_seed(6)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

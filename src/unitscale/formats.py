@@ -324,40 +324,77 @@ def _round_cast(x: Tensor, fmt: Format, saturate: bool) -> Tensor:
 _SIGN = -(2**31)  # 0x80000000 as int32
 
 
+def _random_bits(x: Tensor, generator) -> Tensor:
+    """24 uniform random bits per element of fp32 ``x`` (int32): the draw of every fp32 SR path."""
+    return torch.randint(0, 1 << 24, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+
+
+def _round_subnormal(a: Tensor, fmt: Format, rounding: str, bits: Tensor | None) -> Tensor:
+    """|x| = ``a`` < 2^min_exp rounded onto the format's fixed subnormal spacing u = 2^(min_exp - M) (for
+    formats whose subnormals sit above fp32's). RNE by (a + C) - C with C = 2^23·u (fp32 rounds the sum to
+    a multiple of u, ties to even); SR by floor(a/u) + [v < frac(a/u)], v = bits·2^-24."""
+    u = math.ldexp(1.0, fmt.min_exp - fmt.mantissa_bits)
+    if rounding == "nearest":
+        c = math.ldexp(u, 23)
+        return (a + c) - c
+    s = a * (1.0 / u)  # exact: a power-of-two scaling
+    lower = torch.floor(s)
+    return (lower + ((bits.to(torch.float32) * 2.0**-24) < s - lower).to(torch.float32)) * u
+
+
 def _round_bits(x: Tensor, fmt: Format, rounding: str, saturate: bool, generator) -> Tensor:
     """RNE or SR of fp32 ``x`` onto ``fmt``'s grid from its int32 bit pattern b; exact for every input.
 
     Normal range of the format (|x| ≥ 2^min_exp): keep M of fp32's 23 mantissa bits, d = 23 - M.
     RNE: (b + 2^(d-1) - 1 + bit_d(b)) with the low d bits cleared (a carry moves into the exponent, so a
     binade edge and fp32 overflow to inf come out right). SR: b + r, r uniform on [0, 2^d), low bits cleared:
-    P(up) = (b mod 2^d) / 2^d exactly. Subnormal range (|x| < 2^min_exp, spacing u = 2^(min_exp - M)): RNE
-    by (|x| + C) - C with C = 2^23·u (fp32 rounds the sum to a multiple of u, ties to even); SR by
-    floor(|x|/u) + [v < frac(|x|/u)], v uniform on 2^-24 steps. Then |q| > max gives ±max (saturate,
-    finite x) or the overflow value, ±inf input the overflow value, NaN input itself.
+    P(up) = (b mod 2^d) / 2^d exactly. Subnormal range: :func:`_round_subnormal`. Then |q| > max gives ±max
+    (saturate, finite x) or the overflow value, ±inf input the overflow value, NaN input itself.
     """
-    m, d = fmt.mantissa_bits, 23 - fmt.mantissa_bits
+    d = 23 - fmt.mantissa_bits
     b = x.view(torch.int32)
     a = x.abs()
+    bits = None if rounding == "nearest" else _random_bits(x, generator)
     if rounding == "nearest":
         r = b + ((b >> d) & 1) + ((1 << (d - 1)) - 1) if d > 0 else b
     else:
-        bits = torch.randint(0, 1 << 24, x.shape, generator=generator, device=x.device, dtype=torch.int32)
         r = b + (bits >> (24 - d)) if d > 0 else b
     q = (r & ~((1 << d) - 1)).view(torch.float32) if d > 0 else x
     if fmt.min_exp > -126:  # the format's subnormals sit above fp32's: a fixed spacing u below 2^min_exp
-        u = math.ldexp(1.0, fmt.min_exp - m)
-        if rounding == "nearest":
-            c = math.ldexp(u, 23)
-            small = (a + c) - c
-        else:
-            s = a * (1.0 / u)  # exact: a power-of-two scaling
-            lower = torch.floor(s)
-            small = (lower + ((bits.to(torch.float32) * 2.0**-24) < s - lower).to(torch.float32)) * u
-        q = torch.where(a < fmt.min_normal, torch.copysign(small, x), q)
+        q = torch.where(a < fmt.min_normal, torch.copysign(_round_subnormal(a, fmt, rounding, bits), x), q)
     big = torch.where(torch.isinf(x) | (not saturate), fmt.overflow_value, fmt.max)
     q = torch.where(q.abs() > fmt.max, torch.copysign(big, x), q)
     q = torch.where(torch.isnan(x), x, q)
     return q if fmt.negative_zero else torch.where(q == 0, 0.0, q)  # fnuz: no -0
+
+
+def _round_bits_in_range(x: Tensor, fmt: Format, rounding: str, generator) -> Tensor:
+    """:func:`_round_bits` for fp32 ``x`` with every |x| < max and no NaN (``_in_range``): the same bits and
+    the same random draw, in place on one fresh buffer. Eager CPU runs each aten op as a full pass and a
+    fresh 4-byte buffer costs about a clone, so the general path's selects for overflow and specials cost
+    more than the rounding itself; elements below the format's min normal are redone by index."""
+    d = 23 - fmt.mantissa_bits
+    b = x.view(torch.int32)
+    small = None
+    if fmt.min_exp > -126:  # find the subnormals (and gather their draws) before the buffer is reused
+        mn = fmt.min_normal
+        small = (x > -mn).logical_and_(x < mn).reshape(-1).nonzero().squeeze(1)
+    if rounding == "nearest":
+        r = torch.bitwise_right_shift(b.contiguous(), d).bitwise_and_(1).add_(b).add_((1 << (d - 1)) - 1)
+        small_bits = None
+    else:
+        r = _random_bits(x, generator)
+        small_bits = None if small is None else r.reshape(-1).index_select(0, small)
+        r.bitwise_right_shift_(24 - d).add_(b)
+    q = r.bitwise_and_(~((1 << d) - 1)).view(torch.float32)
+    if small is not None and small.numel():
+        xs = x.reshape(-1).index_select(0, small)
+        q.view(-1).index_copy_(
+            0, small, torch.copysign(_round_subnormal(xs.abs(), fmt, rounding, small_bits), xs)
+        )
+    if not fmt.negative_zero:  # fnuz: no -0 (a -0 input, or a small negative rounded to zero)
+        q.masked_fill_(q == 0, 0.0)
+    return q
 
 
 def _decode_fp8(codes: Tensor, fmt: Format, out: Tensor) -> Tensor:
@@ -372,7 +409,8 @@ def _decode_fp8(codes: Tensor, fmt: Format, out: Tensor) -> Tensor:
 
 
 def _round_cast_fp32(x: Tensor, fmt: Format) -> Tensor:
-    """RNE of fp32 ``x`` by torch's cast, for x with every |x| < max and no NaN (nothing to saturate)."""
+    """RNE of fp32 ``x`` by torch's cast, for x with every |x| < max and no NaN (nothing to saturate), or any
+    x for fp16/bf16 without saturation (the IEEE cast overflows to ±inf and keeps NaN, as asked)."""
     dtype = fmt.torch_dtype
     if fmt.bits == 8:
         return _decode_fp8(x.to(dtype), fmt, torch.empty_like(x))
@@ -435,8 +473,12 @@ def quantise(
         # trip). Eager on CPU: torch's cast, without a clamp where nothing needs saturating (one read pass).
         compiling = torch.compiler.is_compiling()
         eager_cast = rounding == "nearest" and fmt.torch_dtype is not None and not compiling
-        if eager_cast and x.device.type == "cpu" and _in_range(x, fmt):
-            return _round_cast_fp32(x, fmt)
+        if eager_cast and fmt.bits == 16 and not saturate:
+            return _round_cast_fp32(x, fmt)  # the IEEE cast itself overflows to ±inf and keeps NaN
+        if not compiling and x.device.type == "cpu" and _in_range(x, fmt):
+            if eager_cast:
+                return _round_cast_fp32(x, fmt)
+            return _round_bits_in_range(x, fmt, rounding, generator)
         if not (eager_cast and (saturate or fmt.bits >= 16)):
             return _round_bits(x, fmt, rounding, saturate, generator)
     # Cast overflow differs between torch versions for the fp8 dtypes, so only 16/32-bit IEEE casts
