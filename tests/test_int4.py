@@ -248,7 +248,7 @@ def test_state_dict_round_trip_and_no_reinitialisation():
     with torch.no_grad():
         layer.log_s_x.add_(0.4)
     sd = layer.state_dict()
-    assert set(sd) == {"log_s_x", "log_s_w", "s_x0", "s_w0", "block_size"}
+    assert set(sd) == {"log_s_x", "log_s_w", "s_x0", "s_w0", "block_size", "lsq_calls"}
     assert all(type(v) is torch.Tensor for v in sd.values())
     fresh = Int4Linear(64)
     fresh.load_state_dict(sd)
@@ -286,6 +286,38 @@ def test_cold_start_resets_and_freezes_scales():
         expect = 2 * float((stats_of @ h).abs().mean()) / math.sqrt(7)
         assert layer.s_x.item() == pytest.approx(expect, rel=2e-7)  # float32 parameter
         assert (layer.log_s_x.grad is None) == (step < 2)  # frozen during cold start, learned afterwards
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_cold_start_resumes_where_it_stopped(stop_after):
+    """A layer restored from a checkpoint continues the cold start (or its learning) exactly where the
+    saved one was: calls 1..3 of a 2-call cold start, interrupted after call 1 or 3."""
+    x, w, _ = _data(15, (8,))
+    cfg = Int4Config(lsq_cold_start_steps=2)
+    ref, first = Int4Linear(64, cfg), Int4Linear(64, cfg)
+    for layer in (ref, first):
+        layer.train()
+    for step in range(4):
+        ref.linear(x * (step + 1), w)
+        if step < stop_after:
+            first.linear(x * (step + 1), w)
+    resumed = Int4Linear(64, cfg)
+    resumed.train()
+    resumed.load_state_dict(first.state_dict())
+    for step in range(stop_after, 4):
+        resumed.linear(x * (step + 1), w)
+    assert resumed.calls == ref.calls == 2 and not resumed.cold
+    assert resumed.s_x.item() == ref.s_x.item() and resumed.s_w.item() == ref.s_w.item()
+
+
+def test_checkpoint_without_call_counter_is_past_its_cold_start():
+    x, w, _ = _data(16, (8,))
+    layer = Int4Linear(64)
+    layer.linear(x, w)
+    old = {k: v for k, v in layer.state_dict().items() if k != "lsq_calls"}
+    fresh = Int4Linear(64, Int4Config(lsq_cold_start_steps=5))
+    fresh.load_state_dict(old)
+    assert not fresh.cold and fresh.s_x.item() == layer.s_x.item()
 
 
 def test_block_search_picks_a_valid_block_and_persists():

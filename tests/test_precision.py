@@ -45,6 +45,7 @@ NAMED = {
                            "encoder.0.attention.output.dense": (B16, False)}),
     "int4": (("int4", "int4", None), F32, None, "int4",
              {"lm_head": (F32, False), "classifier": (F32, False)}),
+    "int4-pretrain": (("int4", "int4", None), F32, None, "int4", {"lm_head": (F32, False)}),
     "int4-naive": (("int4", "int4", None), F32, None, "int4", {"head": (F32, False)}),
 }
 
@@ -72,6 +73,8 @@ def test_named_recipes_resolve(name: str) -> None:
     if backend == "int4":  # the naive ablation drops both of the paper's INT4 estimators
         assert (r.int4_config.hadamard, r.int4_config.bit_split) == ((False, False) if "naive" in name else
                                                                       (True, True))
+        # a cold start (LSQ steps re-initialised, not learned) only for training from scratch
+        assert r.int4_config.lsq_cold_start_steps == (75 if name == "int4-pretrain" else 0)
     assert r.name == name and get_recipe(r) is r
 
 

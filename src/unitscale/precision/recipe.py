@@ -15,6 +15,9 @@ from typing import Any
 import torch
 
 BACKENDS = ("simulate", "fp8", "int4")
+# LSQ cold start of the int4-pretrain recipe: the warm-up of the char-LM runs that chose it
+# (docs/results/int4.md); not tuned further.
+INT4_PRETRAIN_COLD_START = 75
 ROUNDINGS = ("nearest", "stochastic")
 # u-μP's "critical matmuls": kept in BF16 when everything else runs in FP8 (attention output projection,
 # FFN down projection, the head), for the char-LMs (body.out / body.down), unitscale.nn and BERT-style names.
@@ -187,6 +190,16 @@ class Recipe:
         )
 
     @classmethod
+    def int4_pretrain(cls, cold_start_steps: int = INT4_PRETRAIN_COLD_START) -> Recipe:
+        """:meth:`int4` for training from scratch: the LSQ step sizes are re-initialised from the data for the
+        first ``cold_start_steps`` training calls instead of learned (docs/theory.md, LSQ), so they follow
+        the weights and activations while these change fastest."""
+        from unitscale.precision.int4 import Int4Config
+
+        config = Int4Config.hq_lss(lsq_cold_start_steps=cold_start_steps)
+        return dataclasses.replace(cls.int4(config), name="int4-pretrain")
+
+    @classmethod
     def int4_naive(cls) -> Recipe:
         """LSQ only: no Hadamard rotation, gradients as one stochastically rounded INT4 digit."""
         from unitscale.precision.int4 import Int4Config
@@ -216,8 +229,6 @@ class Recipe:
             parts.append(f"w={self.weight_format} x={self.activation_format} grad={self.grad_format}")
         if self.weight_scale != "static":
             parts.append(f"weight_scale={self.weight_scale}")
-        if self.weight_scale != "static":
-            parts.append(f"weight_scale={self.weight_scale}")
         if self.loss_scale is not None:
             parts.append(f"loss_scale={self.loss_scale:g}")
         return ", ".join(parts)
@@ -239,6 +250,7 @@ _NAMED = {
     "fp8-paper-e4a": lambda: Recipe.fp8_paper(variant="a"),
     "fp8-paper-loss-scaled": lambda: Recipe.fp8_paper(loss_scale=2048.0),
     "int4": Recipe.int4,
+    "int4-pretrain": Recipe.int4_pretrain,
     "int4-naive": Recipe.int4_naive,
 }
 RECIPE_NAMES: tuple[str, ...] = tuple(_NAMED)

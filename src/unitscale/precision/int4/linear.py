@@ -142,7 +142,10 @@ class Int4Linear(nn.Module):
         self.register_buffer("s_w0", torch.ones((), device=device))
         self.register_buffer("block_size", torch.tensor(self.block, device=device))
         self.initialised = False
-        self.calls = 0  # training calls made during the cold start
+        # Training calls made during the cold start: a buffer, so a resumed run neither repeats nor skips
+        # any of it; ``cold`` mirrors it as a flag (see ``linear``).
+        self.register_buffer("lsq_calls", torch.zeros((), dtype=torch.int64, device=device))
+        self.calls = 0
         self.cold = cfg.lsq_cold_start_steps > 0
         self.weight_cache = WeightCache()
         self._generators: dict[str, torch.Generator] = {}
@@ -256,9 +259,14 @@ class Int4Linear(nn.Module):
             if old is not None and prefix + f"log_s_{v}" not in state_dict:
                 state_dict[prefix + f"s_{v}0"] = old.detach().abs().clamp_min(_TINY)
                 state_dict[prefix + f"log_s_{v}"] = torch.zeros_like(old)
+        if prefix + "lsq_calls" not in state_dict and prefix + "log_s_x" in state_dict:
+            # checkpoints from before the counter was saved: their step sizes were learned, so no cold start
+            state_dict[prefix + "lsq_calls"] = torch.tensor(self.config.lsq_cold_start_steps)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if all(prefix + k in state_dict for k in ("log_s_x", "log_s_w", "s_x0", "s_w0")):
             self.initialised = True
+        self.calls = int(self.lsq_calls)
+        self.cold = self.calls < self.config.lsq_cold_start_steps
         if prefix + "block_size" in state_dict:
             self.block = int(self.block_size)
 
@@ -291,6 +299,7 @@ class Int4Linear(nn.Module):
             self.reinitialise(x, weight)
         if cold:
             self.calls += 1
+            self.lsq_calls.fill_(self.calls)
             self.cold = self.calls < self.config.lsq_cold_start_steps
         # s0·exp(θ) > 0 always; the clamp only guards exp underflow of an absurd θ (< −69).
         s_x = self.s_x.clamp_min(_TINY)
