@@ -263,7 +263,9 @@ def activation_rule(name: str, mult: float = 1.0) -> OpScales:
     Input constrained (gmean √(alpha·beta)). relu: 1.713/1.414; gelu 1.701/1.481; silu 1.787/1.623;
     tanh 1.593/1.467; sigmoid 4.801/4.723 at mult = 1 (alpha normalises σ, not the mean).
     """
-    alpha, beta = activation_constants(name, float(mult))
+    # Under torch.compile the uncached function: dynamo warns about lru_cache and folds the constant itself.
+    constants = activation_constants.__wrapped__ if torch.compiler.is_compiling() else activation_constants
+    alpha, beta = constants(name, float(mult))
     note = "alpha normalises σ, not the mean (scaled output mean ≈ 2.4)" if name == "sigmoid" else ""
     return OpScales(alpha, {"input": beta}, ("input",), note)
 

@@ -48,7 +48,9 @@ def block_hadamard(x: Tensor, g: int) -> Tensor:
         raise ValueError(f"last dimension {d} is not a multiple of the Hadamard block size {g}")
     if g == 1:
         return x
-    h = _hadamard_cached(g, x.dtype, str(x.device))
+    # Under torch.compile the uncached builder: dynamo warns about lru_cache and folds the constant itself.
+    build = _hadamard_cached.__wrapped__ if torch.compiler.is_compiling() else _hadamard_cached
+    h = build(g, x.dtype, str(x.device))
     return (x.reshape(*x.shape[:-1], d // g, g) @ h).reshape(x.shape)
 
 
