@@ -310,6 +310,30 @@ def test_cold_start_resumes_where_it_stopped(stop_after):
     assert resumed.s_x.item() == ref.s_x.item() and resumed.s_w.item() == ref.s_w.item()
 
 
+def test_checkpoint_with_learned_steps_is_never_cold_started_again():
+    """Steps learned without a cold start (or after a shorter one) are kept when loaded into a layer with a
+    longer cold start: the next training call learns them, it does not re-initialise them."""
+    x, w, _ = _data(17, (8,))
+    for saved_cold_start in (0, 2):
+        a = Int4Linear(64, Int4Config(lsq_cold_start_steps=saved_cold_start))
+        a.train()
+        for _ in range(3):
+            a.linear(x, w)
+        with torch.no_grad():
+            a.log_s_x.add_(0.5)
+        b = Int4Linear(64, Int4Config(lsq_cold_start_steps=75))
+        b.train()
+        b.load_state_dict(a.state_dict())
+        b.linear(x * 2, w)
+        assert not b.cold and b.s_x.item() == a.s_x.item() and float(b.log_s_x.detach()) == 0.5
+
+
+def test_partial_state_dict_load_leaves_the_counter_alone():
+    layer = Int4Linear(64, device="meta")
+    layer.load_state_dict({}, strict=False)  # nothing to read: the meta buffer is never touched
+    assert layer.cold is False and layer.calls == 0
+
+
 def test_checkpoint_without_call_counter_is_past_its_cold_start():
     x, w, _ = _data(16, (8,))
     layer = Int4Linear(64)

@@ -45,6 +45,7 @@ from unitscale.precision.int4.triton_hq import hadamard_quantise, triton_availab
 from unitscale.precision.int4.weight_cache import WeightCache
 
 _TINY = 1e-30
+_LEARNING = -1  # ``lsq_calls`` once the step sizes are learned (cold start over, or none)
 
 
 class _Int4LinearFn(torch.autograd.Function):
@@ -142,8 +143,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("s_w0", torch.ones((), device=device))
         self.register_buffer("block_size", torch.tensor(self.block, device=device))
         self.initialised = False
-        # Training calls made during the cold start: a buffer, so a resumed run neither repeats nor skips
-        # any of it; ``cold`` mirrors it as a flag (see ``linear``).
+        # Training calls made during the cold start, or _LEARNING once the step sizes are learned: a buffer,
+        # so a resumed run neither repeats nor skips any of it, and a checkpoint whose steps were learned is
+        # never re-initialised; ``calls`` and the flag ``cold`` mirror it (see ``linear``).
         self.register_buffer("lsq_calls", torch.zeros((), dtype=torch.int64, device=device))
         self.calls = 0
         self.cold = cfg.lsq_cold_start_steps > 0
@@ -261,12 +263,15 @@ class Int4Linear(nn.Module):
                 state_dict[prefix + f"log_s_{v}"] = torch.zeros_like(old)
         if prefix + "lsq_calls" not in state_dict and prefix + "log_s_x" in state_dict:
             # checkpoints from before the counter was saved: their step sizes were learned, so no cold start
-            state_dict[prefix + "lsq_calls"] = torch.tensor(self.config.lsq_cold_start_steps)
+            state_dict[prefix + "lsq_calls"] = torch.tensor(_LEARNING)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if all(prefix + k in state_dict for k in ("log_s_x", "log_s_w", "s_x0", "s_w0")):
             self.initialised = True
-        self.calls = int(self.lsq_calls)
-        self.cold = self.calls < self.config.lsq_cold_start_steps
+        if prefix + "lsq_calls" in state_dict:
+            n = int(state_dict[prefix + "lsq_calls"])
+            steps = self.config.lsq_cold_start_steps
+            self.calls = min(n, steps) if n >= 0 else steps
+            self.cold = 0 <= n < steps
         if prefix + "block_size" in state_dict:
             self.block = int(self.block_size)
 
@@ -297,10 +302,12 @@ class Int4Linear(nn.Module):
         cold = self.training and self.cold
         if not self.initialised or cold:
             self.reinitialise(x, weight)
+            if not cold:  # first call without a cold start: the steps are learned from now on
+                self.lsq_calls.fill_(_LEARNING)
         if cold:
             self.calls += 1
-            self.lsq_calls.fill_(self.calls)
             self.cold = self.calls < self.config.lsq_cold_start_steps
+            self.lsq_calls.fill_(self.calls if self.cold else _LEARNING)
         # s0·exp(θ) > 0 always; the clamp only guards exp underflow of an absurd θ (< −69).
         s_x = self.s_x.clamp_min(_TINY)
         s_w = self.s_w.clamp_min(_TINY)
