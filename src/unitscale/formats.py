@@ -354,10 +354,11 @@ def _round_bits(x: Tensor, fmt: Format, rounding: str, saturate: bool, generator
     d = 23 - fmt.mantissa_bits
     b = x.view(torch.int32)
     a = x.abs()
-    bits = None if rounding == "nearest" else _random_bits(x, generator)
     if rounding == "nearest":
+        bits = None
         r = b + ((b >> d) & 1) + ((1 << (d - 1)) - 1) if d > 0 else b
     else:
+        bits = _random_bits(x, generator)
         r = b + (bits >> (24 - d)) if d > 0 else b
     q = (r & ~((1 << d) - 1)).view(torch.float32) if d > 0 else x
     if fmt.min_exp > -126:  # the format's subnormals sit above fp32's: a fixed spacing u below 2^min_exp

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from typing import Any, Literal, get_args
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unitscale import rules
+from unitscale.eager_cache import eager_cache
 from unitscale.precision.backend import EXACT
 from unitscale.precision.protocol import Backend
 from unitscale.scale import Constraint, check_constraint, scaled
@@ -150,25 +150,17 @@ def _linear(input, weight, bias, rule, constraint, grad_rows, precision, fan_out
             f"linear: bias shape {tuple(bias.shape)} does not match out_features={weight.shape[0]}"
         )
     out_f, in_f = weight.shape
-    alpha, betas = _linear_scales(rule, in_f, fan_out or out_f, _rows(input, in_f, grad_rows), constraint)
+    alpha, betas = _resolved_scales(rule, in_f, fan_out or out_f, _rows(input, in_f, grad_rows), constraint)
     return (precision or EXACT).linear(
         input, weight, bias, alpha=alpha, beta_x=betas["input"], beta_w=betas["weight"], beta_b=betas["bias"]
     )
 
 
-def _linear_scales(
-    rule: Callable[..., rules.OpScales], fan_in: int, fan_out: int, rows: float, constraint: Constraint
-) -> tuple[float, dict[str, float]]:
-    """A linear's resolved factors, once per (rule, shapes, rows, constraint) in eager mode: a module's
-    scales are built and validated when its shapes change, not on every call (torch.compile folds them
-    at trace time anyway). Callers must not mutate the dict."""
-    if torch.compiler.is_compiling():
-        return rule(fan_in, fan_out, rows).resolve(constraint)
-    return _cached_scales(rule, fan_in, fan_out, rows, constraint)
-
-
-@lru_cache(maxsize=4096)
-def _cached_scales(rule: Callable[..., rules.OpScales], *args: Any) -> tuple[float, dict[str, float]]:
+@eager_cache(maxsize=4096)
+def _resolved_scales(rule: Callable[..., rules.OpScales], *args: Any) -> tuple[float, dict[str, float]]:
+    """``rule(*sizes).resolve(constraint)`` for args = (*sizes, constraint), once per args in eager mode: a
+    module's scales are built and validated when its shapes change, not on every call (torch.compile folds
+    them at trace time). Callers must not mutate the dict."""
     *sizes, constraint = args
     return rule(*sizes).resolve(constraint)
 
@@ -643,7 +635,8 @@ def causal_conv1d(
         raise ValueError(f"causal_conv1d expects input (batch, length, channels), got {tuple(input.shape)}")
     b, t, c = input.shape
     g, k, c_in, c_out = causal_conv_shapes(c, weight.shape)
-    alpha, betas = _conv_scales(c_in, c_out, k, _rows(input, c, grad_rows), check_constraint(constraint))
+    rows = _rows(input, c, grad_rows)
+    alpha, betas = _resolved_scales(rules.conv_rule, c_in, c_out, k, 1, rows, check_constraint(constraint))
     windows = F.pad(input, (0, 0, k - 1, 0)).unfold(1, k, 1)  # (b, t, c, k): window ends at position t
     windows = windows.reshape(b * t, g, c_in, k).permute(1, 0, 3, 2).reshape(g, b * t, k * c_in)
     y = (precision or EXACT).matmul(
@@ -655,15 +648,6 @@ def causal_conv1d(
         roles=("activation", "weight"),
     )
     return y.permute(1, 0, 2).reshape(b, t, g * c_out)
-
-
-def _conv_scales(
-    c_in: int, c_out: int, kernel: int, rows: float, constraint: Constraint
-) -> tuple[float, dict[str, float]]:
-    """Resolved causal-conv factors (``rules.conv_rule``, stride 1), once per shape in eager mode."""
-    if torch.compiler.is_compiling():
-        return rules.conv_rule(c_in, c_out, kernel, 1, rows).resolve(constraint)
-    return _cached_scales(rules.conv_rule, c_in, c_out, kernel, 1, rows, constraint)
 
 
 def _conv_positions(input: Tensor, weight: Tensor, strides: tuple, padding: Any, dilation: Any) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unitscale.eager_cache import eager_cache
 from unitscale.formats import Format, get_format
 from unitscale.scale import Constraint, resolve
 
@@ -234,7 +235,7 @@ def _torch_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return fns[name]
 
 
-@lru_cache(maxsize=256)
+@eager_cache(maxsize=256)
 @torch.compiler.assume_constant_result  # pure function of Python constants: torch.compile evaluates it once
 def activation_constants(name: str, mult: float = 1.0) -> tuple[float, float]:
     """(alpha, beta) of g(x) = f(mult·x)/mult for x ~ N(0, 1), by Gaussian quadrature in float64.
@@ -263,9 +264,7 @@ def activation_rule(name: str, mult: float = 1.0) -> OpScales:
     Input constrained (gmean √(alpha·beta)). relu: 1.713/1.414; gelu 1.701/1.481; silu 1.787/1.623;
     tanh 1.593/1.467; sigmoid 4.801/4.723 at mult = 1 (alpha normalises σ, not the mean).
     """
-    # Under torch.compile the uncached function: dynamo warns about lru_cache and folds the constant itself.
-    constants = activation_constants.__wrapped__ if torch.compiler.is_compiling() else activation_constants
-    alpha, beta = constants(name, float(mult))
+    alpha, beta = activation_constants(name, float(mult))
     note = "alpha normalises σ, not the mean (scaled output mean ≈ 2.4)" if name == "sigmoid" else ""
     return OpScales(alpha, {"input": beta}, ("input",), note)
 

@@ -9,11 +9,12 @@ the rotation only spreads outlier features over each block of g consecutive feat
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
+
+from unitscale.eager_cache import eager_cache
 
 
 def _check_block(g: int) -> int:
@@ -22,7 +23,7 @@ def _check_block(g: int) -> int:
     return g
 
 
-@functools.lru_cache(maxsize=64)
+@eager_cache(maxsize=64)
 def _hadamard_cached(g: int, dtype: torch.dtype, device: str) -> Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < g:
@@ -48,9 +49,7 @@ def block_hadamard(x: Tensor, g: int) -> Tensor:
         raise ValueError(f"last dimension {d} is not a multiple of the Hadamard block size {g}")
     if g == 1:
         return x
-    # Under torch.compile the uncached builder: dynamo warns about lru_cache and folds the constant itself.
-    build = _hadamard_cached.__wrapped__ if torch.compiler.is_compiling() else _hadamard_cached
-    h = build(g, x.dtype, str(x.device))
+    h = _hadamard_cached(g, x.dtype, str(x.device))
     return (x.reshape(*x.shape[:-1], d // g, g) @ h).reshape(x.shape)
 
 
